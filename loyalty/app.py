@@ -1,0 +1,135 @@
+"""The application factory: settings, database, routes, error handling, middleware, the timer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from litestar import Litestar
+from litestar.config.app import AppConfig
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme, Tag
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.static_files import create_static_files_router
+from litestar.stores.memory import MemoryStore
+
+from loyalty import __version__
+from loyalty.activity.controllers import EventController, OrderController, ReferralController
+from loyalty.customers.controllers import CustomerController
+from loyalty.db.dependencies import provide_session
+from loyalty.db.session import create_engine, create_session_maker
+from loyalty.lib.errors import handle_exception, problems_reference
+from loyalty.lib.logging import configure_logging
+from loyalty.lib.middleware import RequestContextMiddleware, rate_limit_config
+from loyalty.ops.controllers import HealthController, ProblemController
+from loyalty.scheduling.timer import Timer, parse_cron
+from loyalty.settings import Settings, get_settings
+from loyalty.tiers.config import load_tiers
+
+logger = logging.getLogger("loyalty.app")
+STATIC_DIR = Path(__file__).parent / "ops" / "static"
+
+DESCRIPTION = f"""
+Loyalty scores customers (value with expected future spending, purchase frequency, influence), places them in
+reward tiers, and issues tier offers measured against holdout groups.
+
+**Authentication.** API keys in `X-API-Key` (scopes `storefront`, `marketing`, `admin`); customer tokens in
+`Authorization: Bearer`. Missing, invalid or the wrong kind of credential: 401. A key without the scope: 403.
+
+**Money** is a decimal string in the store currency (`"129.90"`); **timestamps** are RFC 3339 with an offset.
+
+**Errors** are RFC 9457 `application/problem+json`. Problem types:
+
+{problems_reference()}
+"""
+
+
+def _openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="Loyalty",
+        version=__version__,
+        description=DESCRIPTION,
+        path="/schema",
+        render_plugins=[
+            SwaggerRenderPlugin(
+                path="/",
+                js_url="/schema-assets/swagger-ui/swagger-ui-bundle.js",
+                css_url="/schema-assets/swagger-ui/swagger-ui.css",
+                standalone_preset_js_url="/schema-assets/swagger-ui/swagger-ui-standalone-preset.js",
+            )
+        ],
+        tags=[
+            Tag(name="storefront", description="Server-to-server calls from the shop (scope `storefront`)."),
+            Tag(name="operations", description="Health, metrics and reference (no key)."),
+        ],
+        components=Components(
+            security_schemes={
+                "ApiKey": SecurityScheme(type="apiKey", name="X-API-Key", security_scheme_in="header"),
+                "CustomerToken": SecurityScheme(type="http", scheme="bearer", bearer_format="JWT"),
+            }
+        ),
+    )
+
+
+def create_app(settings: Settings | None = None) -> Litestar:
+    """Build the application; configuration errors stop here, before anything listens."""
+    settings = settings or get_settings()
+    configure_logging(settings.log_format, settings.log_level)
+    tiers = load_tiers(settings.tiers_file)
+    secret_key = settings.resolved_secret_key()
+    recalc_cron = parse_cron(settings.recalc_cron, settings.timezone)
+    engine = create_engine(settings)
+    session_maker = create_session_maker(engine)
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        timer = Timer(poll_seconds=settings.poll_seconds, cron=recalc_cron, timezone=settings.timezone)
+        if settings.scheduler_enabled:
+            timer.start()
+        app.state.timer = timer
+        logger.info("started", extra={"database": engine.dialect.name, "tiers_config": tiers.config_hash[:12]})
+        try:
+            yield
+        finally:
+            timer.shutdown()
+            await engine.dispose()
+
+    prometheus = PrometheusConfig(app_name="loyalty", prefix="loyalty", group_path=True, exclude=["^/metrics"])
+    config = AppConfig(
+        route_handlers=[
+            HealthController,
+            ProblemController,
+            PrometheusController,
+            CustomerController,
+            OrderController,
+            EventController,
+            ReferralController,
+            create_static_files_router(
+                path="/schema-assets", directories=[STATIC_DIR], include_in_schema=False, name="schema-assets"
+            ),
+        ],
+        dependencies={"session": Provide(provide_session)},
+        exception_handlers={Exception: handle_exception},
+        middleware=[
+            lambda app: RequestContextMiddleware(app),
+            prometheus.middleware,
+            rate_limit_config(settings.rate_limit).middleware,
+        ],
+        openapi_config=_openapi_config(),
+        lifespan=[lifespan],
+        request_max_body_size=settings.max_body_bytes,
+        stores={"rate_limit": MemoryStore()},
+        debug=False,
+        logging_config=None,
+    )
+    app = Litestar.from_config(config)
+    app.state.settings = settings
+    app.state.tiers = tiers
+    app.state.secret_key = secret_key
+    app.state.engine = engine
+    app.state.session_maker = session_maker
+    return app

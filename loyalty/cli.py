@@ -1,0 +1,222 @@
+"""The `loyalty` command."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+from sqlalchemy import select
+
+from loyalty.settings import ConfigurationError, Settings, get_settings
+
+T = TypeVar("T")
+
+
+def _run(coroutine_factory: Callable[[], Awaitable[T]]) -> T:
+    async def runner() -> T:
+        return await coroutine_factory()
+
+    return asyncio.run(runner())
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+async def _with_engine(settings: Settings, work: Callable[[Any], Awaitable[T]]) -> T:
+    from loyalty.db.session import create_engine
+
+    engine = create_engine(settings)
+    try:
+        return await work(engine)
+    finally:
+        await engine.dispose()
+
+
+@click.group()
+@click.version_option(package_name="loyalty")
+def main() -> None:
+    """Loyalty: scores, tiers and offers for an online shop."""
+
+
+# ---------------------------------------------------------------- serve
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=int, help="Worker processes.")
+@click.option("--demo", is_flag=True, help="On an empty database, load demo data and print an admin key first.")
+@click.option("--demo-customers", default=5000, show_default=True, type=int)
+def serve(host: str, port: int, workers: int, demo: bool, demo_customers: int) -> None:
+    """Run the API and the scheduler (migrates the embedded SQLite database first)."""
+    import uvicorn
+
+    from loyalty.app import create_app
+    from loyalty.lib.logging import configure_logging
+
+    settings = get_settings()
+    try:
+        create_app(settings)  # fail fast on bad configuration, with the file, field and reason
+    except (ConfigurationError, ValueError) as error:
+        _fail(str(error))
+    if settings.is_sqlite:
+        _run(lambda: _with_engine(settings, _upgrade))
+    if demo:
+        _run(lambda: _with_engine(settings, lambda engine: _demo_if_empty(engine, demo_customers)))
+    configure_logging(settings.log_format, settings.log_level)
+    uvicorn.run(
+        "loyalty.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=None,
+        access_log=False,
+        proxy_headers=True,
+        server_header=False,
+    )
+
+
+async def _demo_if_empty(engine: Any, customers: int) -> None:
+    from loyalty.access.services import create_key
+    from loyalty.db.models import ApiKey, Customer
+    from loyalty.db.session import create_session_maker, transaction
+    from loyalty.demo.generator import load_demo
+
+    session_maker = create_session_maker(engine)
+    async with session_maker() as session:
+        has_customers = await session.scalar(select(Customer.id).limit(1)) is not None
+        has_demo_key = await session.scalar(select(ApiKey.id).where(ApiKey.name == "demo").limit(1)) is not None
+    if not has_customers:
+        click.echo(f"Loading demo data: {customers} customers ...")
+        summary = await load_demo(engine, customers=customers)
+        click.echo(f"Loaded {summary.customers} customers, {summary.orders} orders in {summary.seconds:.1f} s")
+    if not has_demo_key:
+        async with transaction(session_maker) as session:
+            _key, plain = await create_key(session, "demo", "admin")
+        click.echo("Demo admin key (shown once; try: curl -H 'X-API-Key: <key>' localhost:8000/v1/tiers):")
+        click.echo(plain)
+
+
+# ---------------------------------------------------------------- db
+
+
+@main.group()
+def db() -> None:
+    """Database schema."""
+
+
+async def _upgrade(engine: Any) -> None:
+    from loyalty.db.migrate import upgrade_database
+
+    await upgrade_database(engine)
+
+
+@db.command("upgrade")
+def db_upgrade() -> None:
+    """Apply migrations up to the latest."""
+    settings = get_settings()
+    _run(lambda: _with_engine(settings, _upgrade))
+    click.echo("database is at the latest migration")
+
+
+# ---------------------------------------------------------------- keys
+
+
+@main.group()
+def keys() -> None:
+    """API keys."""
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="Who or what uses the key.")
+@click.option("--scope", required=True, type=click.Choice(["storefront", "marketing", "admin"]))
+def keys_create(name: str, scope: str) -> None:
+    """Create a key and print it once, alone on the last line."""
+    from loyalty.access.services import create_key
+    from loyalty.db.session import create_session_maker, transaction
+
+    async def work(engine: Any) -> tuple[int, str]:
+        async with transaction(create_session_maker(engine)) as session:
+            key, plain = await create_key(session, name, scope)
+            return key.id, plain
+
+    try:
+        key_id, plain = _run(lambda: _with_engine(get_settings(), work))
+    except ValueError as error:
+        _fail(str(error))
+    click.echo(f"Created key {key_id} ({scope}) for {name!r}. Store it now: it cannot be shown again.")
+    click.echo(plain)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """List keys (never their secrets)."""
+    from loyalty.access.services import list_keys
+    from loyalty.db.session import create_session_maker
+
+    async def work(engine: Any) -> list[Any]:
+        async with create_session_maker(engine)() as session:
+            return await list_keys(session)
+
+    rows = _run(lambda: _with_engine(get_settings(), work))
+    click.echo(f"{'key_id':>6}  {'prefix':<12} {'scope':<10} {'status':<8} {'created_at':<20} name")
+    for key in rows:
+        status = "revoked" if key.revoked_at else "active"
+        created = key.created_at.strftime("%Y-%m-%d %H:%M")
+        click.echo(f"{key.id:>6}  {key.prefix + '…':<12} {key.scope:<10} {status:<8} {created:<20} {key.name}")
+
+
+@keys.command("revoke")
+@click.argument("key_id", type=int)
+def keys_revoke(key_id: int) -> None:
+    """Revoke a key; requests with it are refused at once."""
+    from loyalty.access.services import revoke_key
+    from loyalty.db.session import create_session_maker, transaction
+
+    async def work(engine: Any) -> bool:
+        async with transaction(create_session_maker(engine)) as session:
+            return await revoke_key(session, key_id)
+
+    if not _run(lambda: _with_engine(get_settings(), work)):
+        _fail(f"no active key with key_id {key_id}")
+    click.echo(f"revoked key {key_id}")
+
+
+# ---------------------------------------------------------------- demo
+
+
+@main.command()
+@click.option("--customers", default=5000, show_default=True, type=click.IntRange(1, 10_000_000))
+@click.option("--seed", default=7, show_default=True, type=int)
+def demo(customers: int, seed: int) -> None:
+    """Fill the database with realistic generated shop data."""
+    from loyalty.demo.generator import load_demo
+
+    settings = get_settings()
+
+    async def work(engine: Any) -> Any:
+        await _upgrade(engine) if settings.is_sqlite else None
+        return await load_demo(engine, customers=customers, seed=seed, progress=_progress)
+
+    try:
+        summary = _run(lambda: _with_engine(settings, work))
+    except ValueError as error:
+        _fail(str(error))
+    click.echo(
+        f"\nLoaded {summary.customers} customers, {summary.orders} orders, {summary.refunds} refunds, "
+        f"{summary.events} events, {summary.referrals} referrals in {summary.seconds:.1f} s"
+    )
+
+
+def _progress(phase: str, done: int, total: int) -> None:
+    click.echo(f"\r{phase}: {done}/{total}", nl=False)
+
+
+if __name__ == "__main__":
+    main()

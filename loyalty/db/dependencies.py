@@ -1,0 +1,24 @@
+"""The request's transaction: one HTTP request, one transaction, committed before the response is sent."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+
+from litestar.datastructures import State
+from sqlalchemy.ext.asyncio import AsyncSession
+
+
+async def provide_session(state: State) -> AsyncGenerator[AsyncSession, None]:
+    """Commit when the handler returns, roll back when it raises.
+
+    Litestar closes yield-dependencies before it sends the response, so a failed commit becomes an error
+    response instead of a 2xx for a write that never landed.
+    """
+    async with state.session_maker() as session:
+        try:
+            yield session
+        except BaseException:
+            await session.rollback()
+            raise
+        else:
+            await session.commit()

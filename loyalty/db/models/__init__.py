@@ -1,0 +1,7 @@
+"""All tables, importable from one place so cross-domain foreign keys never cause import cycles."""
+
+from loyalty.db.models.access import ApiKey
+from loyalty.db.models.activity import InteractionEvent, Order, OrderItem, Referral, Refund
+from loyalty.db.models.customer import Customer
+
+__all__ = ["ApiKey", "Customer", "InteractionEvent", "Order", "OrderItem", "Referral", "Refund"]

@@ -1,0 +1,113 @@
+"""The in-process timer every replica runs.
+
+It holds only triggers (a cron for the full recalculation and a short poll); the work itself lives in the
+database and is claimed with leases, so any number of replicas can run the same timer safely (ARCHITECTURE.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+logger = logging.getLogger("loyalty.scheduling")
+
+JobResult = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Job:
+    """Scheduled work named ``domain.action``, returning a small dict of counts that is logged."""
+
+    name: str
+    run: Callable[[], Awaitable[JobResult]]
+
+
+class CronError(ValueError):
+    pass
+
+
+def parse_cron(expression: str, timezone: str) -> CronTrigger:
+    """Five crontab fields, or six with seconds first; read in ``timezone``."""
+    try:
+        zone = ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise CronError(f"unknown time zone {timezone!r}") from None
+    fields = expression.split()
+    try:
+        if len(fields) == 5:
+            return CronTrigger.from_crontab(expression, timezone=zone)
+        if len(fields) == 6:
+            second, minute, hour, day, month, day_of_week = fields
+            return CronTrigger(
+                second=second, minute=minute, hour=hour, day=day, month=month, day_of_week=day_of_week, timezone=zone
+            )
+    except ValueError as error:
+        raise CronError(f"{expression!r}: {error}") from None
+    raise CronError(f"{expression!r}: expected 5 fields (or 6 with seconds first), got {len(fields)}")
+
+
+async def _run_logged(job: Job) -> None:
+    started = time.perf_counter()
+    try:
+        result = await job.run()
+    except Exception:
+        # A failing job must not stop the timer; its work stays in the database for the next tick.
+        logger.exception("job failed", extra={"job": job.name})
+        return
+    if result:
+        elapsed = round(time.perf_counter() - started, 3)
+        logger.info("job done", extra={"job": job.name, "seconds": elapsed, **result})
+
+
+class Timer:
+    """APScheduler with an in-memory job store: triggers only, never shared state."""
+
+    def __init__(
+        self,
+        *,
+        poll_seconds: float,
+        poll_jobs: Sequence[Job] = (),
+        cron: CronTrigger | None = None,
+        cron_jobs: Sequence[Job] = (),
+        timezone: str = "UTC",
+    ) -> None:
+        self._scheduler = AsyncIOScheduler(timezone=ZoneInfo(timezone))
+        for job in poll_jobs:
+            self._scheduler.add_job(
+                _run_logged,
+                IntervalTrigger(seconds=poll_seconds),
+                args=[job],
+                id=job.name,
+                name=job.name,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=None,
+            )
+        for job in cron_jobs:
+            if cron is None:
+                raise CronError(f"job {job.name} needs a cron trigger")
+            self._scheduler.add_job(
+                _run_logged, cron, args=[job], id=job.name, name=job.name, max_instances=1, coalesce=True
+            )
+
+    @property
+    def running(self) -> bool:
+        return bool(self._scheduler.running)
+
+    def job_names(self) -> list[str]:
+        return [job.id for job in self._scheduler.get_jobs()]
+
+    def start(self) -> None:
+        self._scheduler.start()
+
+    def shutdown(self) -> None:
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=False)
