@@ -36,7 +36,7 @@ class CustomerController(Controller):
         "/{customer_id:str}/token",
         operation_id="CreateCustomerToken",
         guards=[guards.storefront],
-        status_code=HTTP_201_CREATED,
+        status_code=HTTP_200_OK,
     )
     async def create_token(
         self,

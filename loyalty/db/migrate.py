@@ -14,11 +14,21 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from loyalty.settings import PROJECT_ROOT
 
-MIGRATIONS_DIR = PROJECT_ROOT / "migrations"
+
+def _find_migrations() -> Path:
+    """Beside the package in a checkout; in the working directory when installed (as in the container)."""
+    for candidate in (PROJECT_ROOT / "migrations", Path.cwd() / "migrations"):
+        if (candidate / "env.py").exists():
+            return candidate
+    return PROJECT_ROOT / "migrations"
+
+
+MIGRATIONS_DIR = _find_migrations()
 
 
 def alembic_config(database_url: str | None = None) -> Config:
-    config = Config(str(PROJECT_ROOT / "alembic.ini")) if (PROJECT_ROOT / "alembic.ini").exists() else Config()
+    ini = MIGRATIONS_DIR.parent / "alembic.ini"
+    config = Config(str(ini)) if ini.exists() else Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     if database_url:
         config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
@@ -49,7 +59,3 @@ def _current(connection: Connection) -> str | None:
 async def current_revision(engine: AsyncEngine) -> str | None:
     async with engine.connect() as connection:
         return await connection.run_sync(_current)
-
-
-def migrations_path() -> Path:
-    return MIGRATIONS_DIR

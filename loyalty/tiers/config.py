@@ -158,7 +158,8 @@ def parse_tiers(data: Any, source: str = "tiers config") -> TiersConfig:
         return TiersConfig.model_validate(data)
     except ValidationError as error:
         errors = [
-            (field_path(tuple(item["loc"])), item["msg"].removeprefix("Value error, "))
+            # Errors about the list as a whole (ordering, duplicates) belong to `tier`.
+            (field_path(tuple(item["loc"])) if item["loc"] else "tier", item["msg"].removeprefix("Value error, "))
             for item in error.errors(include_url=False, include_input=False)
         ]
         raise TiersConfigError(source, errors) from None
