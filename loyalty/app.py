@@ -19,16 +19,20 @@ from litestar.stores.memory import MemoryStore
 
 from loyalty import __version__
 from loyalty.activity.controllers import EventController, OrderController, ReferralController
-from loyalty.customers.controllers import CustomerController
+from loyalty.customers.controllers import CustomerController, ReportController
 from loyalty.db.dependencies import provide_session
 from loyalty.db.session import create_engine, create_session_maker
 from loyalty.lib.errors import handle_exception, problems_reference
 from loyalty.lib.logging import configure_logging
 from loyalty.lib.middleware import RequestContextMiddleware, rate_limit_config
 from loyalty.ops.controllers import HealthController, ProblemController
+from loyalty.recalc.controllers import RecalculationController
+from loyalty.recalc.incremental import ModelCache
+from loyalty.recalc.jobs import RecalcJobs
 from loyalty.scheduling.timer import Timer, parse_cron
 from loyalty.settings import Settings, get_settings
 from loyalty.tiers.config import load_tiers
+from loyalty.tiers.controllers import CustomerTierController, TierController
 
 logger = logging.getLogger("loyalty.app")
 STATIC_DIR = Path(__file__).parent / "ops" / "static"
@@ -64,6 +68,10 @@ def _openapi_config() -> OpenAPIConfig:
         ],
         tags=[
             Tag(name="storefront", description="Server-to-server calls from the shop (scope `storefront`)."),
+            Tag(
+                name="marketing",
+                description="Reports, tier previews, offers, campaigns, recalculations (scope `marketing`).",
+            ),
             Tag(name="operations", description="Health, metrics and reference (no key)."),
         ],
         components=Components(
@@ -87,7 +95,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        timer = Timer(poll_seconds=settings.poll_seconds, cron=recalc_cron, timezone=settings.timezone)
+        recalc_jobs = RecalcJobs(session_maker, tiers, recalc_cron, settings.recalc_lease_seconds)
+        timer = Timer(
+            poll_seconds=settings.poll_seconds,
+            poll_jobs=recalc_jobs.poll_jobs(),
+            cron=recalc_cron,
+            cron_jobs=recalc_jobs.cron_jobs(),
+            timezone=settings.timezone,
+        )
         if settings.scheduler_enabled:
             timer.start()
         app.state.timer = timer
@@ -105,9 +120,13 @@ def create_app(settings: Settings | None = None) -> Litestar:
             ProblemController,
             PrometheusController,
             CustomerController,
+            ReportController,
             OrderController,
             EventController,
             ReferralController,
+            RecalculationController,
+            CustomerTierController,
+            TierController,
             create_static_files_router(
                 path="/schema-assets", directories=[STATIC_DIR], include_in_schema=False, name="schema-assets"
             ),
@@ -132,4 +151,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app.state.secret_key = secret_key
     app.state.engine = engine
     app.state.session_maker = session_maker
+    app.state.model_cache = ModelCache(ttl=settings.poll_seconds)
     return app

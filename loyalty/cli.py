@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any, TypeVar
 
 import click
@@ -67,7 +69,7 @@ def serve(host: str, port: int, workers: int, demo: bool, demo_customers: int) -
     if settings.is_sqlite:
         _run(lambda: _with_engine(settings, _upgrade))
     if demo:
-        _run(lambda: _with_engine(settings, lambda engine: _demo_if_empty(engine, demo_customers)))
+        _run(lambda: _with_engine(settings, lambda engine: _demo_if_empty(engine, settings, demo_customers)))
     configure_logging(settings.log_format, settings.log_level)
     uvicorn.run(
         "loyalty.app:create_app",
@@ -82,11 +84,12 @@ def serve(host: str, port: int, workers: int, demo: bool, demo_customers: int) -
     )
 
 
-async def _demo_if_empty(engine: Any, customers: int) -> None:
+async def _demo_if_empty(engine: Any, settings: Settings, customers: int) -> None:
     from loyalty.access.services import create_key
     from loyalty.db.models import ApiKey, Customer
     from loyalty.db.session import create_session_maker, transaction
     from loyalty.demo.generator import load_demo
+    from loyalty.tiers.config import load_tiers
 
     session_maker = create_session_maker(engine)
     async with session_maker() as session:
@@ -96,6 +99,9 @@ async def _demo_if_empty(engine: Any, customers: int) -> None:
         click.echo(f"Loading demo data: {customers} customers ...")
         summary = await load_demo(engine, customers=customers)
         click.echo(f"Loaded {summary.customers} customers, {summary.orders} orders in {summary.seconds:.1f} s")
+        run = await _recalculate(engine, settings, load_tiers(settings.tiers_file), None, False)
+        if run is not None:
+            click.echo(f"Recalculated tiers: run {run.run_id} {run.status} in {sum(run.phases.values()):.1f} s")
     if not has_demo_key:
         async with transaction(session_maker) as session:
             _key, plain = await create_key(session, "demo", "admin")
@@ -188,6 +194,68 @@ def keys_revoke(key_id: int) -> None:
     click.echo(f"revoked key {key_id}")
 
 
+# ---------------------------------------------------------------- recalc
+
+
+def _parse_instant(value: str | None) -> datetime | None:
+    if value is None:
+        return None
+    try:
+        instant = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise click.BadParameter("use RFC 3339, e.g. 2026-11-01T00:00:00Z", param_hint="--as-of") from None
+    if instant.tzinfo is None:
+        raise click.BadParameter("needs an offset, e.g. 2026-11-01T00:00:00Z", param_hint="--as-of")
+    return instant
+
+
+async def _recalculate(engine: Any, settings: Settings, tiers: Any, as_of: datetime | None, dry_run: bool) -> Any:
+    """Queue a manual run, claim it and carry it out in this process; None when another run is active."""
+    from loyalty.db.session import create_session_maker, transaction
+    from loyalty.recalc import runs
+    from loyalty.recalc.full import execute_run
+    from loyalty.recalc.services import get_run
+
+    session_maker = create_session_maker(engine)
+    async with transaction(session_maker) as session:
+        run_id = await runs.enqueue_run(session, trigger="manual", as_of=as_of, dry_run=dry_run)
+    if run_id is None:
+        return None
+    async with transaction(session_maker) as session:
+        claimed = await runs.claim_next_run(session, settings.recalc_lease_seconds)
+    assert claimed is not None
+    await execute_run(session_maker, claimed.id, tiers, settings.recalc_lease_seconds)
+    async with session_maker() as session:
+        return await get_run(session, claimed.id)
+
+
+@main.command()
+@click.option("--as-of", "as_of_text", default=None, help="Replay as of this RFC 3339 instant.")
+@click.option("--dry-run", is_flag=True, help="Compute and record the run without writing scores or tiers.")
+def recalc(as_of_text: str | None, dry_run: bool) -> None:
+    """Run a full recalculation now and print its run record."""
+    from loyalty.tiers.config import TiersConfigError, load_tiers
+
+    settings = get_settings()
+    as_of = _parse_instant(as_of_text)
+    try:
+        tiers = load_tiers(settings.tiers_file)
+    except TiersConfigError as error:
+        _fail(str(error))
+
+    async def work(engine: Any) -> Any:
+        if settings.is_sqlite:
+            await _upgrade(engine)
+        return await _recalculate(engine, settings, tiers, as_of, dry_run)
+
+    run = _run(lambda: _with_engine(settings, work))
+    if run is None:
+        _fail("a recalculation is already queued or running; see GET /v1/recalculations")
+    click.echo(json.dumps(run.model_dump(mode="json"), indent=2))
+    if run.status != "succeeded":
+        sys.exit(1)
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -201,7 +269,8 @@ def demo(customers: int, seed: int) -> None:
     settings = get_settings()
 
     async def work(engine: Any) -> Any:
-        await _upgrade(engine) if settings.is_sqlite else None
+        if settings.is_sqlite:
+            await _upgrade(engine)
         return await load_demo(engine, customers=customers, seed=seed, progress=_progress)
 
     try:

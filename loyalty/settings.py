@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     db_max_overflow: int = Field(default=10, ge=0)
     db_timeout_seconds: float = Field(default=10.0, gt=0)
     scheduler_enabled: bool = True
+    # A running recalculation renews its lease every third of this; a replica that dies loses it after this long.
+    recalc_lease_seconds: float = Field(default=60.0, ge=1)
 
     @field_validator("currency")
     @classmethod

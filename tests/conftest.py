@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from litestar import Litestar
@@ -25,6 +26,7 @@ from loyalty.app import create_app
 from loyalty.db.base import Base
 from loyalty.db.migrate import upgrade_database
 from loyalty.db.session import create_engine, create_session_maker, transaction
+from loyalty.recalc.jobs import RecalcJobs
 from loyalty.settings import PROJECT_ROOT, Settings
 
 POSTGRES_URL = os.environ.get("LOYALTY_TEST_POSTGRES_URL", "")
@@ -186,3 +188,20 @@ def tmp_cwd(tmp_path: Path) -> Iterator[Path]:
         yield tmp_path
     finally:
         os.chdir(previous)
+
+
+@pytest.fixture
+def run_due(app: Litestar, session_maker: async_sessionmaker[AsyncSession]) -> Any:
+    """Run the `recalc.run_due` job once, as the app's timer would (the timer is off in most tests).
+
+    It uses the test's own engine: the app's engine lives on the test client's event loop.
+    """
+    state = app.state
+
+    async def run() -> dict[str, Any]:
+        jobs = RecalcJobs(session_maker, state.tiers, None, state.settings.recalc_lease_seconds)  # type: ignore[arg-type]
+        result = await jobs.run_due()
+        state.model_cache.invalidate()
+        return result
+
+    return run

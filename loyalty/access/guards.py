@@ -39,16 +39,17 @@ async def _key_principal(connection: ASGIConnection[Any, Any, Any, Any]) -> KeyP
     return principal
 
 
-def requires_scope(scope: str) -> Guard:
-    """A guard admitting API keys with ``scope`` (admin keys hold every scope)."""
+def requires_scope(*scopes: str) -> Guard:
+    """A guard admitting API keys with one of ``scopes`` (admin keys hold every scope)."""
+    wanted = " or ".join(f"`{scope}`" for scope in scopes)
 
     async def guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
         principal = await _key_principal(connection)
-        if not principal.allows(scope):
-            raise ProblemError(FORBIDDEN, f"This route needs the `{scope}` scope; the key has `{principal.scope}`")
+        if not any(principal.allows(scope) for scope in scopes):
+            raise ProblemError(FORBIDDEN, f"This route needs the {wanted} scope; the key has `{principal.scope}`")
         connection.scope[PRINCIPAL_KEY] = principal  # type: ignore[literal-required]
 
-    guard.__name__ = f"requires_{scope}"
+    guard.__name__ = "requires_" + "_or_".join(scopes)
     return guard
 
 
@@ -82,6 +83,12 @@ def customer_principal(connection: ASGIConnection[Any, Any, Any, Any]) -> Custom
     return principal
 
 
+async def any_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """A guard admitting any valid API key, whatever its scope (reference data every integration reads)."""
+    connection.scope[PRINCIPAL_KEY] = await _key_principal(connection)  # type: ignore[literal-required]
+
+
 storefront = requires_scope("storefront")
 marketing = requires_scope("marketing")
 admin = requires_scope("admin")
+storefront_or_marketing = requires_scope("storefront", "marketing")

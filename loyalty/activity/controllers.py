@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from litestar import Controller, Response, post
+from typing import Any
+
+from litestar import Controller, Request, Response, post
 from litestar.di import NamedDependency
 from litestar.params import JSONBody, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED
@@ -11,11 +13,21 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from loyalty.access import guards
 from loyalty.activity import schemas, services
 from loyalty.lib.schemas import ExternalId
+from loyalty.recalc import incremental
 
-CREATED_OR_REPLAYED = {
-    HTTP_201_CREATED: "created",
-    HTTP_200_OK: "a faithful replay of an earlier request: the stored resource",
-}
+
+async def _tiers_after(
+    request: Request[Any, Any, Any], session: AsyncSession, written: services.Written[Any]
+) -> dict[int, str]:
+    """A new write re-scores its customers in this request; a replay changed nothing and reads their tiers."""
+    if not written.created:
+        return await incremental.current_tiers(session, written.customer_ids)
+    state = request.app.state
+    return await incremental.rescore_after_write(session, written.customer_ids, state.tiers, state.model_cache)
+
+
+def _status(written: services.Written[Any]) -> int:
+    return HTTP_201_CREATED if written.created else HTTP_200_OK
 
 
 class OrderController(Controller):
@@ -25,29 +37,42 @@ class OrderController(Controller):
 
     @post("/", operation_id="CreateOrder", status_code=HTTP_201_CREATED)
     async def create_order(
-        self, session: NamedDependency[AsyncSession], data: JSONBody[schemas.OrderCreate]
+        self,
+        request: Request[Any, Any, Any],
+        session: NamedDependency[AsyncSession],
+        data: JSONBody[schemas.OrderCreate],
     ) -> Response[schemas.Order]:
-        """Record an order (idempotent by order_id); an unknown customer is created."""
+        """Record an order (idempotent by order_id) and answer with the customer's tier after it."""
         written = await services.create_order(session, data)
-        return Response(written.resource, status_code=HTTP_201_CREATED if written.created else HTTP_200_OK)
+        tiers = await _tiers_after(request, session, written)
+        order = written.resource.model_copy(update={"tier": tiers.get(written.customer_ids[0], "prospect")})
+        return Response(order, status_code=_status(written))
 
     @post("/batch", operation_id="CreateOrderBatch", status_code=HTTP_200_OK)
     async def create_order_batch(
-        self, session: NamedDependency[AsyncSession], data: JSONBody[schemas.OrderBatch]
+        self,
+        request: Request[Any, Any, Any],
+        session: NamedDependency[AsyncSession],
+        data: JSONBody[schemas.OrderBatch],
     ) -> schemas.OrderBatchResult:
         """Record up to 1000 orders; each succeeds or fails on its own."""
-        return await services.create_orders_batch(session, data.orders)
+        result, affected = await services.create_orders_batch(session, data.orders)
+        state = request.app.state
+        await incremental.rescore_after_write(session, sorted(affected), state.tiers, state.model_cache)
+        return result
 
     @post("/{order_id:str}/refunds", operation_id="CreateRefund", status_code=HTTP_201_CREATED)
     async def create_refund(
         self,
+        request: Request[Any, Any, Any],
         session: NamedDependency[AsyncSession],
         data: JSONBody[schemas.RefundCreate],
         order_id: ExternalId = Parameter(description="The storefront's order id."),
     ) -> Response[schemas.Refund]:
         """Record a refund of an order (idempotent by refund_id)."""
         written = await services.create_refund(session, order_id, data)
-        return Response(written.resource, status_code=HTTP_201_CREATED if written.created else HTTP_200_OK)
+        await _tiers_after(request, session, written)
+        return Response(written.resource, status_code=_status(written))
 
 
 class EventController(Controller):
@@ -70,8 +95,12 @@ class ReferralController(Controller):
 
     @post("/", operation_id="CreateReferral", status_code=HTTP_201_CREATED)
     async def create_referral(
-        self, session: NamedDependency[AsyncSession], data: JSONBody[schemas.ReferralCreate]
+        self,
+        request: Request[Any, Any, Any],
+        session: NamedDependency[AsyncSession],
+        data: JSONBody[schemas.ReferralCreate],
     ) -> Response[schemas.Referral]:
         """Record that one customer referred another."""
         written = await services.create_referral(session, data)
-        return Response(written.resource, status_code=HTTP_201_CREATED if written.created else HTTP_200_OK)
+        await _tiers_after(request, session, written)
+        return Response(written.resource, status_code=_status(written))

@@ -44,6 +44,8 @@ class Written(Generic[T]):
 
     resource: T
     created: bool
+    # Internal ids of the customers whose figures this write changed, for the real-time re-score.
+    customer_ids: tuple[int, ...] = ()
 
 
 def _conflict(kind_name: str, external_id: str) -> ProblemError:
@@ -102,7 +104,9 @@ async def create_order(session: AsyncSession, data: schemas.OrderCreate) -> Writ
         assert existing is not None  # the conflicting row is committed: ON CONFLICT waited for it
         if existing.content_hash != content_hash:
             raise _conflict("Order", data.order_id)
-        return Written(await _order_view(session, existing, data.customer_id), created=False)
+        return Written(
+            await _order_view(session, existing, data.customer_id), created=False, customer_ids=(customer_id,)
+        )
     if data.items:
         await session.execute(
             insert(OrderItem),
@@ -125,12 +129,18 @@ async def create_order(session: AsyncSession, data: schemas.OrderCreate) -> Writ
         refunded=Decimal(0),
         created_at=now,
     )
-    return Written(view, created=True)
+    return Written(view, created=True, customer_ids=(customer_id,))
 
 
-async def create_orders_batch(session: AsyncSession, raw_orders: Sequence[Any]) -> schemas.OrderBatchResult:
-    """Each order in its own savepoint: one bad order rolls back alone and never rejects the others."""
+async def create_orders_batch(
+    session: AsyncSession, raw_orders: Sequence[Any]
+) -> tuple[schemas.OrderBatchResult, set[int]]:
+    """Each order in its own savepoint: one bad order rolls back alone and never rejects the others.
+
+    Returns the result and the customers with new orders, to be re-scored once for the whole batch.
+    """
     results: list[schemas.BatchItemResult] = []
+    affected: set[int] = set()
     created = replayed = failed = 0
     for index, raw in enumerate(raw_orders):
         order_id = raw.get("order_id") if isinstance(raw, dict) else None
@@ -152,9 +162,11 @@ async def create_orders_batch(session: AsyncSession, raw_orders: Sequence[Any]) 
         results.append(schemas.BatchItemResult(order_id=data.order_id, status=201 if written.created else 200))
         if written.created:
             created += 1
+            affected.update(written.customer_ids)
         else:
             replayed += 1
-    return schemas.OrderBatchResult(results=results, created=created, replayed=replayed, failed=failed)
+    result = schemas.OrderBatchResult(results=results, created=created, replayed=replayed, failed=failed)
+    return result, affected
 
 
 # ---------------------------------------------------------------- refunds
@@ -204,7 +216,7 @@ async def create_refund(
             refunded_at=existing.refunded_at,
             created_at=existing.created_at,
         )
-        return Written(view, created=False)
+        return Written(view, created=False, customer_ids=(order.customer_id,))
     # One conditional UPDATE: the row lock it takes orders concurrent refunds, and the condition sees the
     # committed running total, so no interleaving can push refunds past the order total.
     accepted = await session.scalar(
@@ -227,7 +239,7 @@ async def create_refund(
         refunded_at=data.refunded_at,
         created_at=now,
     )
-    return Written(view, created=True)
+    return Written(view, created=True, customer_ids=(order.customer_id,))
 
 
 def _hash_with(data: Schema, *context: str) -> str:
@@ -325,7 +337,7 @@ async def create_referral(
             occurred_at=referral.occurred_at,
             created_at=referral.created_at,
         )
-        return Written(view, created=False)
+        return Written(view, created=False, customer_ids=(referrer, referee))
     # A cycle closes when the referee already stands somewhere above the referrer.
     if await session.scalar(_CHAIN_REACHES, {"start": referrer, "target": referee}):
         raise field_problem(
@@ -339,4 +351,4 @@ async def create_referral(
     view = schemas.Referral(
         referrer_id=data.referrer_id, referee_id=data.referee_id, occurred_at=data.occurred_at, created_at=now
     )
-    return Written(view, created=True)
+    return Written(view, created=True, customer_ids=(referrer, referee))

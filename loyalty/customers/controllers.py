@@ -1,27 +1,37 @@
-"""Customer profile routes for the storefront."""
+"""Customer routes: profiles and tokens (storefront), member lists, exports and segments (marketing)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from litestar import Controller, Request, Response, post, put
+from litestar import Controller, Request, Response, get, post, put
 from litestar.di import NamedDependency
 from litestar.params import JSONBody, Parameter
+from litestar.response import Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.access import guards
-from loyalty.customers import schemas, services
+from loyalty.customers import reports, schemas, services
+from loyalty.lib.pagination import Cursor, Limit, Page
 from loyalty.lib.schemas import ExternalId
+from loyalty.tiers.config import TierId
 
 CustomerIdParam = Parameter(description="The storefront's customer id.")
+TierFilter = Annotated[TierId | None, Parameter(description="Only members of this tier.")]
+MinValueScore = Annotated[float | None, Parameter(ge=0, le=100, description="Value score at least.")]
 
 
 class CustomerController(Controller):
     path = "/v1/customers"
-    tags = ["storefront"]
 
-    @put("/{customer_id:str}", operation_id="UpsertCustomer", guards=[guards.storefront], status_code=HTTP_200_OK)
+    @put(
+        "/{customer_id:str}",
+        operation_id="UpsertCustomer",
+        tags=["storefront"],
+        guards=[guards.storefront],
+        status_code=HTTP_200_OK,
+    )
     async def upsert_customer(
         self,
         session: NamedDependency[AsyncSession],
@@ -35,6 +45,7 @@ class CustomerController(Controller):
     @post(
         "/{customer_id:str}/token",
         operation_id="CreateCustomerToken",
+        tags=["storefront"],
         guards=[guards.storefront],
         status_code=HTTP_200_OK,
     )
@@ -47,3 +58,52 @@ class CustomerController(Controller):
         """Mint a short-lived token that lets a signed-in customer read their own rewards."""
         state = request.app.state
         return await services.mint_token(session, customer_id, state.secret_key, state.settings.customer_token_ttl)
+
+    @get(
+        "/{customer_id:str}",
+        operation_id="GetCustomer",
+        tags=["marketing"],
+        guards=[guards.storefront_or_marketing],
+    )
+    async def get_customer(
+        self,
+        request: Request[Any, Any, Any],
+        session: NamedDependency[AsyncSession],
+        customer_id: ExternalId = CustomerIdParam,
+    ) -> schemas.CustomerDetail:
+        """A customer in full: profile, tier with explanation and progress, scores, figures, interests."""
+        return await reports.customer_detail(session, request.app.state.tiers, customer_id)
+
+    @get("/", operation_id="ListCustomers", tags=["marketing"], guards=[guards.marketing])
+    async def list_customers(
+        self,
+        session: NamedDependency[AsyncSession],
+        tier: TierFilter = None,
+        min_value_score: MinValueScore = None,
+        limit: Limit = 50,
+        cursor: Cursor = None,
+    ) -> Page[schemas.CustomerListItem]:
+        """Members with scores and raw figures, filtered by tier and value score, in customer order."""
+        return await reports.list_customers(session, tier, min_value_score, limit, cursor)
+
+
+class ReportController(Controller):
+    path = "/v1"
+    tags = ["marketing"]
+    guards = [guards.marketing]
+
+    @get("/exports/customers", operation_id="ExportCustomers", media_type="text/csv")
+    async def export_customers(
+        self, request: Request[Any, Any, Any], tier: TierFilter = None, min_value_score: MinValueScore = None
+    ) -> Stream:
+        """Every member with scores and figures as CSV, streamed."""
+        return Stream(
+            reports.export_csv(request.app.state.session_maker, tier, min_value_score),
+            media_type="text/csv",
+            headers={"Content-Disposition": 'attachment; filename="customers.csv"'},
+        )
+
+    @get("/segments", operation_id="ListSegments")
+    async def list_segments(self, request: Request[Any, Any, Any]) -> schemas.SegmentList:
+        """Per tier: customers, share, revenue share and score spreads (p10, p50, p90)."""
+        return await reports.segments(request.app.state.session_maker, request.app.state.tiers)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, StringConstraints, field_validator
 
@@ -60,3 +60,84 @@ class CustomerToken(Schema):
 
 class CustomerPath(Schema):
     customer_id: ExternalId
+
+
+class Scores(Schema):
+    value: float
+    frequency: float
+    influence: float
+
+
+class Figures(Schema):
+    """Raw figures behind the scores; money as decimal strings, days as numbers."""
+
+    paid_orders: int
+    occasions: int
+    orders_in_window: int
+    net_spend: str
+    lifetime_spend: str
+    average_order_value: str
+    first_purchase_at: datetime | None
+    last_purchase_at: datetime | None
+    days_since_last: float | None
+    predicted_value: str
+    expected_purchases: float
+    p_alive: float
+    expected_spend: str
+    converted_referrals: int
+    referred_revenue: str
+    reviews: int
+    shares: int
+    as_of: datetime
+
+
+class CustomerTierView(Schema):
+    tier: str
+    tier_name: str
+    since: datetime | None
+    qualified_tier: str
+    explanation: str
+    progress: dict[str, Any]
+    pinned_tier: str | None
+    pinned_until: datetime | None
+    pin_reason: str | None
+
+
+class Interest(Schema):
+    target: str
+    engagements: int
+
+
+class CustomerDetail(Customer):
+    tier: CustomerTierView
+    scores: Scores
+    figures: Figures | None
+    interests: list[Interest]
+
+
+class CustomerListItem(Schema):
+    customer_id: str
+    email: str | None
+    tier: str
+    scores: Scores
+    figures: Figures | None
+
+
+class ScoreSpread(Schema):
+    p10: float
+    p50: float
+    p90: float
+
+
+class Segment(Schema):
+    tier: str
+    name: str
+    customers: int
+    share: float
+    revenue_share: float
+    scores: dict[str, ScoreSpread]
+
+
+class SegmentList(Schema):
+    items: list[Segment]
+    customers: int

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import ColumnElement, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.dml import Insert
@@ -16,14 +17,38 @@ def is_postgres(session: AsyncSession) -> bool:
     return session.get_bind().dialect.name == "postgresql"
 
 
-def insert_ignoring_conflicts(session: AsyncSession, model: type[Base], conflict_columns: Sequence[str]) -> Insert:
+def insert_ignoring_conflicts(
+    session: AsyncSession, model: type[Base], conflict_columns: Sequence[str] | None = None
+) -> Insert:
     """``INSERT ... ON CONFLICT (cols) DO NOTHING``: the losing side of a race inserts nothing and raises nothing.
 
-    Both PostgreSQL and SQLite (3.24+) have the statement; only the SQLAlchemy construct differs.
+    Without columns, a conflict on any unique key is ignored. Both PostgreSQL and SQLite (3.24+) have the
+    statement; only the SQLAlchemy construct differs.
     """
+    elements = list(conflict_columns) if conflict_columns else None
     if is_postgres(session):
-        return postgresql.insert(model).on_conflict_do_nothing(index_elements=list(conflict_columns))
-    return sqlite.insert(model).on_conflict_do_nothing(index_elements=list(conflict_columns))
+        return postgresql.insert(model).on_conflict_do_nothing(index_elements=elements)
+    return sqlite.insert(model).on_conflict_do_nothing(index_elements=elements)
+
+
+async def bulk_upsert(
+    session: AsyncSession,
+    model: type[Base],
+    rows: Sequence[dict[str, Any]],
+    key_columns: Sequence[str],
+    where: ColumnElement[bool] | None = None,
+) -> None:
+    """Insert or update many rows by key in batched statements; ``where`` can veto the update of a row."""
+    if not rows:
+        return
+    statement: Any = postgresql.insert(model) if is_postgres(session) else sqlite.insert(model)
+    update_columns = [column for column in rows[0] if column not in key_columns]
+    statement = statement.on_conflict_do_update(
+        index_elements=list(key_columns),
+        set_={column: statement.excluded[column] for column in update_columns},
+        where=where,
+    )
+    await session.execute(statement, list(rows))
 
 
 async def advisory_lock(session: AsyncSession, key: int) -> None:

@@ -70,6 +70,9 @@ REFEREE_CLAIMED = _kind(
     "referee-already-claimed", "Referee already claimed", 422, "Another customer already referred this customer."
 )
 REFERRAL_CYCLE = _kind("referral-cycle", "Referral cycle", 422, "The referral would make a referral cycle.")
+RUN_IN_PROGRESS = _kind(
+    "recalculation-in-progress", "Recalculation in progress", 409, "A recalculation is queued or running; wait for it."
+)
 CUSTOMER_ERASED = _kind("customer-erased", "Customer erased", 404, "The customer's data was erased.")
 
 

@@ -10,6 +10,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -105,9 +106,28 @@ class Timer:
     def job_names(self) -> list[str]:
         return [job.id for job in self._scheduler.get_jobs()]
 
+    def run_soon(self, name: str) -> None:
+        """Bring a job's next run forward to now (e.g. a run was just queued); a no-op when stopped."""
+        job = self._scheduler.get_job(name)
+        if job is not None and self._scheduler.running:
+            job.modify(next_run_time=datetime.now(self._scheduler.timezone))
+
     def start(self) -> None:
         self._scheduler.start()
 
     def shutdown(self) -> None:
         if self._scheduler.running:
             self._scheduler.shutdown(wait=False)
+
+
+def current_fire_time(trigger: CronTrigger, now: datetime) -> datetime:
+    """The fire time a cron job running at ``now`` belongs to, the same on every replica.
+
+    Replicas run a firing a little late and not equally late; any instant within half a period after a fire
+    time maps back to it.
+    """
+    upcoming = trigger.get_next_fire_time(None, now)
+    following = trigger.get_next_fire_time(upcoming, upcoming + timedelta(microseconds=1))
+    half_period = (following - upcoming) / 2 if upcoming and following else timedelta(seconds=1)
+    fired = trigger.get_next_fire_time(None, now - half_period)
+    return fired if fired is not None else now

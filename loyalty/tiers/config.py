@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from loyalty.lib.errors import field_path
+from loyalty.scoring.config import ScoringConfig
 
 TIER_IDS = ("vip", "nurture", "one_time", "prospect")
 SCORES = ("value", "frequency", "influence")
@@ -116,6 +117,7 @@ class TiersConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     tier: tuple[Tier, ...] = Field(min_length=1)
+    scoring: ScoringConfig = ScoringConfig()
 
     @model_validator(mode="after")
     def _complete_and_unique(self) -> TiersConfig:

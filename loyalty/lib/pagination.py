@@ -1,0 +1,41 @@
+"""Lists: `?limit=` (default 50, max 500) and an opaque `?cursor=`; every list answers `{items, next_cursor}`."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated, Generic, TypeVar
+
+from litestar.params import Parameter
+from pydantic import BaseModel
+
+from loyalty.lib.errors import field_problem
+
+T = TypeVar("T")
+
+Limit = Annotated[int, Parameter(ge=1, le=500, description="Items per page (max 500).")]
+Cursor = Annotated[str | None, Parameter(max_length=200, description="`next_cursor` of the previous page.")]
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None
+
+
+def encode_cursor(position: str) -> str:
+    return base64.urlsafe_b64encode(position.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    """The position a cursor stands for; a cursor we did not make is a 422 naming `cursor`."""
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise field_problem("cursor", "is not a cursor this API returned") from None
+
+
+def decode_int_cursor(cursor: str) -> int:
+    position = decode_cursor(cursor)
+    if not position.lstrip("-").isdigit():
+        raise field_problem("cursor", "is not a cursor this API returned")
+    return int(position)

@@ -1,0 +1,254 @@
+"""The full recalculation: aggregate in the database, fit once, score, apply the rules, write in bulk.
+
+Reads happen first; every write (scores, tiers, history and the run record) happens in one transaction at the
+end, so a run that dies at any point leaves the previous tiers exactly as they were.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from loyalty.db.dialect import bulk_upsert
+from loyalty.db.models import CustomerScore, CustomerTier, RecalcRun, TierHistory
+from loyalty.db.session import transaction
+from loyalty.lib.clock import utcnow
+from loyalty.recalc import runs
+from loyalty.recalc.assignments import place_customer
+from loyalty.scoring.config import ScoringConfig
+from loyalty.scoring.figures import (
+    Figures,
+    ReferralFigures,
+    load_figures,
+    load_interests,
+    load_referral_edges,
+    referral_figures,
+)
+from loyalty.scoring.scores import (
+    Scores,
+    fit_models,
+    mean_order_value,
+    model_record,
+    rank_exactly,
+    score_inputs,
+)
+from loyalty.tiers.config import TiersConfig
+
+logger = logging.getLogger("loyalty.recalc")
+WRITE_CHUNK = 5_000
+
+
+class LeaseLostError(RuntimeError):
+    """Another replica declared this run dead; it must not write."""
+
+
+@dataclass
+class PhaseTimer:
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @contextlib.asynccontextmanager
+    async def phase(self, name: str) -> AsyncIterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[name] = round(self.phases.get(name, 0.0) + time.perf_counter() - started, 4)
+
+
+@contextlib.asynccontextmanager
+async def keep_lease(
+    session_maker: async_sessionmaker[AsyncSession], run_id: int, lease_seconds: float
+) -> AsyncIterator[asyncio.Event]:
+    """Renew the run's lease in the background; the event is set if the lease was lost."""
+    lost = asyncio.Event()
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(lease_seconds / 3)
+            async with transaction(session_maker) as session:
+                if not await runs.renew_lease(session, run_id, lease_seconds):
+                    lost.set()
+                    return
+
+    task = asyncio.create_task(renew(), name=f"recalc-lease-{run_id}")
+    try:
+        yield lost
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@dataclass
+class Population:
+    """Everything a full run knows before it applies the rules."""
+
+    figures: Figures
+    referrals: ReferralFigures
+    scores: Scores
+    cutoffs: dict[str, list[float]]
+    interests: dict[int, list[dict[str, Any]]]
+    model: dict[str, Any]
+
+
+async def compute_population(
+    session_maker: async_sessionmaker[AsyncSession], as_of: datetime, config: ScoringConfig, timer: PhaseTimer
+) -> Population:
+    """Aggregate in the database, fit the models once, and rank every customer (reads only)."""
+    async with timer.phase("aggregate"), session_maker() as session:
+        figures = await load_figures(session, as_of, config)
+        referrers, referees = await load_referral_edges(session, as_of)
+        interests = await load_interests(session, as_of, config)
+        await session.rollback()
+    async with timer.phase("fit"):
+        bgnbd_fit, gamma_gamma_fit = await asyncio.to_thread(fit_models, figures)
+    async with timer.phase("score"):
+        referrals = referral_figures(figures, referrers, referees, config.second_level_decay)
+        order_value = mean_order_value(figures)
+        scores = score_inputs(figures, referrals, bgnbd_fit.params, gamma_gamma_fit.params, config, order_value)
+        cutoffs = rank_exactly(scores, figures.scored)
+    model = model_record(bgnbd_fit, gamma_gamma_fit, order_value)
+    return Population(figures, referrals, scores, cutoffs, interests, model)
+
+
+async def _current_states(session: AsyncSession, low: int, high: int) -> dict[int, Any]:
+    rows = await session.execute(
+        select(
+            CustomerTier.customer_id,
+            CustomerTier.tier,
+            CustomerTier.since,
+            CustomerTier.below_since,
+            CustomerTier.pinned_tier,
+            CustomerTier.pinned_until,
+            CustomerTier.pin_reason,
+            CustomerTier.updated_at,
+        ).where(CustomerTier.customer_id.between(low, high))
+    )
+    return {row.customer_id: row for row in rows}
+
+
+async def execute_run(
+    session_maker: async_sessionmaker[AsyncSession],
+    run_id: int,
+    tiers: TiersConfig,
+    lease_seconds: float,
+) -> dict[str, Any]:
+    """Carry out a claimed run to success or failure; returns the run's summary counts."""
+    timer = PhaseTimer()
+    async with session_maker() as session:
+        run = await session.get(RecalcRun, run_id)
+        assert run is not None
+        started_at = run.started_at or utcnow()
+        as_of = run.as_of or started_at
+        dry_run = run.dry_run
+    try:
+        async with keep_lease(session_maker, run_id, lease_seconds) as lease_lost:
+            summary = await _compute_and_write(
+                session_maker, run_id, tiers, as_of, started_at, dry_run, timer, lease_lost
+            )
+    except Exception as error:
+        logger.exception("recalculation failed", extra={"run_id": run_id})
+        async with transaction(session_maker) as session:
+            await runs.fail_run(session, run_id, f"{type(error).__name__}: {error}", timer.phases)
+        return {"run_id": run_id, "status": "failed"}
+    logger.info("recalculation succeeded", extra={"run_id": run_id, **timer.phases})
+    return summary
+
+
+async def _compute_and_write(
+    session_maker: async_sessionmaker[AsyncSession],
+    run_id: int,
+    tiers: TiersConfig,
+    as_of: datetime,
+    started_at: datetime,
+    dry_run: bool,
+    timer: PhaseTimer,
+    lease_lost: asyncio.Event,
+) -> dict[str, Any]:
+    population = await compute_population(session_maker, as_of, tiers.scoring, timer)
+    figures, referrals, scores, cutoffs = (
+        population.figures,
+        population.referrals,
+        population.scores,
+        population.cutoffs,
+    )
+    interests = population.interests
+    model = population.model
+    moves: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    now = as_of if as_of < started_at else utcnow()
+    async with transaction(session_maker) as session:
+        for start in range(0, len(figures), WRITE_CHUNK):
+            if lease_lost.is_set():
+                raise LeaseLostError("the run's lease was lost; another replica marked it failed")
+            stop = min(start + WRITE_CHUNK, len(figures))
+            ids = figures.customer_id[start:stop]
+            async with timer.phase("rules"):
+                states = await _current_states(session, int(ids[0]), int(ids[-1]))
+                score_rows, tier_rows, history_rows = [], [], []
+                for position in range(start, stop):
+                    customer_id = int(figures.customer_id[position])
+                    stored = states.get(customer_id)
+                    if stored is not None and stored.updated_at > started_at:
+                        continue  # re-scored in real time after this run began, from newer data than ours
+                    placement = place_customer(
+                        tiers,
+                        position,
+                        (figures, referrals, scores, cutoffs),
+                        interests.get(customer_id, []),
+                        stored,
+                        as_of=as_of,
+                        now=now,
+                        allow_downgrade=True,
+                        score_run_id=run_id,
+                        history_run_id=run_id,
+                    )
+                    moves[placement.previous_tier or "none"][placement.assignment.tier] += 1
+                    score_rows.append(placement.score)
+                    tier_rows.append(placement.tier)
+                    if placement.history is not None:
+                        history_rows.append(placement.history)
+            if not dry_run:
+                async with timer.phase("write"):
+                    await bulk_upsert(session, CustomerScore, score_rows, ["customer_id"])
+                    await bulk_upsert(
+                        session,
+                        CustomerTier,
+                        tier_rows,
+                        ["customer_id"],
+                        where=CustomerTier.updated_at <= started_at,
+                    )
+                    if history_rows:
+                        await session.execute(insert(TierHistory), history_rows)
+        if lease_lost.is_set():
+            raise LeaseLostError("the run's lease was lost; another replica marked it failed")
+        matrix = {source: dict(targets) for source, targets in moves.items()}
+        finished = await session.scalar(
+            update(RecalcRun)
+            .where(RecalcRun.id == run_id, RecalcRun.status == "running")
+            .values(
+                status="succeeded",
+                finished_at=utcnow(),
+                active_slot=None,
+                as_of=as_of,
+                phases=timer.phases,
+                customers=int(figures.scored.sum()),
+                moves=matrix,
+                config_hash=tiers.config_hash,
+                model=model,
+                cutoffs=cutoffs,
+            )
+            .returning(RecalcRun.id)
+        )
+        if finished is None:
+            raise LeaseLostError("the run was marked failed by another replica before it could finish")
+    return {"run_id": run_id, "status": "succeeded", "customers": int(figures.scored.sum())}

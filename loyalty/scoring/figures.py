@@ -1,0 +1,318 @@
+"""Per-customer figures, computed set-based in the database as of an instant.
+
+One statement aggregates orders (net of refunds as of the instant) into purchase occasions — orders on the same
+UTC day are one occasion, valued at their sum — and joins review and share counts; the rows stream back in
+customer order into columnar arrays. An order counts as a purchase unless it was refunded in full (a
+cancellation); an order of zero value (a free item) still counts. Referral figures and top interests are two
+more set-based statements. The same code serves the full recalculation (all customers) and the real-time
+re-score (a few customers).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from sqlalchemy import bindparam, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from loyalty.db.types import DateTimeUTC
+from loyalty.lib.money import STORAGE_FACTOR
+from loyalty.scoring.config import ScoringConfig
+
+SECONDS_PER_DAY = 86_400.0
+STREAM_CHUNK = 50_000
+
+FloatArray = NDArray[np.float64]
+IntArray = NDArray[np.int64]
+
+# The UTC day number (days since 1970-01-01) of a stored timestamp: SQLite keeps UTC text, PostgreSQL timestamptz.
+_DAY_NUMBER = {
+    "postgresql": "CAST(floor(extract(epoch from {column}) / 86400) AS bigint)",
+    "sqlite": "CAST(julianday({column}) - 2440587.5 AS INTEGER)",
+}
+
+_FIGURES_SQL = """
+WITH refunded AS (
+    SELECT order_id, SUM(amount) AS amount FROM refund WHERE refunded_at <= :as_of {refund_filter} GROUP BY order_id
+),
+order_days AS (
+    SELECT o.customer_id, {day} AS day, SUM(o.total - COALESCE(r.amount, 0)) AS value, COUNT(*) AS orders
+    FROM customer_order o LEFT JOIN refunded r ON r.order_id = o.id
+    WHERE o.placed_at <= :as_of AND (o.total - COALESCE(r.amount, 0) > 0 OR o.total = 0) {order_filter}
+    GROUP BY o.customer_id, {day}
+),
+with_first AS (
+    SELECT customer_id, day, value, orders, MIN(day) OVER (PARTITION BY customer_id) AS first_day FROM order_days
+),
+purchases AS (
+    SELECT customer_id,
+           COUNT(*) AS occasions,
+           SUM(orders) AS paid_orders,
+           MIN(day) AS first_day,
+           MAX(day) AS last_day,
+           SUM(value) AS lifetime_spend,
+           SUM(CASE WHEN day >= :window_start_day THEN value ELSE 0 END) AS net_spend,
+           SUM(CASE WHEN day >= :window_start_day THEN orders ELSE 0 END) AS orders_in_window,
+           SUM(CASE WHEN day > first_day THEN value ELSE 0 END) AS repeat_spend
+    FROM with_first GROUP BY customer_id
+),
+engagement AS (
+    SELECT customer_id,
+           SUM(CASE WHEN type = 'review' THEN 1 ELSE 0 END) AS reviews,
+           SUM(CASE WHEN type = 'social_share' THEN 1 ELSE 0 END) AS shares
+    FROM interaction_event
+    WHERE occurred_at <= :as_of AND type IN ('review', 'social_share') {event_filter}
+    GROUP BY customer_id
+)
+SELECT c.id, COALESCE(p.occasions, 0), COALESCE(p.paid_orders, 0), p.first_day, p.last_day,
+       COALESCE(p.lifetime_spend, 0), COALESCE(p.net_spend, 0), COALESCE(p.orders_in_window, 0),
+       COALESCE(p.repeat_spend, 0), COALESCE(e.reviews, 0), COALESCE(e.shares, 0)
+FROM customer c
+LEFT JOIN purchases p ON p.customer_id = c.id
+LEFT JOIN engagement e ON e.customer_id = c.id
+{customer_filter}
+ORDER BY c.id
+"""
+
+_REFERRALS_SQL = """
+SELECT referrer_id, referee_id FROM referral WHERE occurred_at <= :as_of {filter}
+"""
+
+_INTERESTS_SQL = """
+WITH counted AS (
+    SELECT customer_id, target, COUNT(*) AS engagements, MAX(occurred_at) AS last_at
+    FROM interaction_event
+    WHERE occurred_at <= :as_of AND occurred_at > :since {filter}
+    GROUP BY customer_id, target
+),
+ranked AS (
+    SELECT customer_id, target, engagements,
+           ROW_NUMBER() OVER (PARTITION BY customer_id ORDER BY engagements DESC, last_at DESC, target) AS position
+    FROM counted
+)
+SELECT customer_id, target, engagements FROM ranked WHERE position <= :top ORDER BY customer_id, position
+"""
+
+
+@dataclass
+class Figures:
+    """Columnar per-customer figures, aligned by position with ``customer_id`` (ascending)."""
+
+    customer_id: IntArray
+    occasions: IntArray
+    paid_orders: IntArray
+    first_day: FloatArray  # NaN without a paid order
+    last_day: FloatArray
+    lifetime_spend: FloatArray
+    net_spend: FloatArray
+    orders_in_window: IntArray
+    repeat_spend: FloatArray
+    reviews: IntArray
+    shares: IntArray
+    as_of_day: float  # fractional day number of the instant the figures are as of
+
+    def __len__(self) -> int:
+        return int(self.customer_id.shape[0])
+
+    @property
+    def scored(self) -> NDArray[np.bool_]:
+        """Customers with at least one paid order: the population percentiles are taken over."""
+        return self.occasions > 0
+
+    @property
+    def frequency(self) -> FloatArray:
+        return np.maximum(self.occasions - 1, 0).astype(np.float64)
+
+    @property
+    def recency(self) -> FloatArray:
+        return np.where(self.scored, self.last_day - self.first_day, 0.0)
+
+    @property
+    def age(self) -> FloatArray:
+        return np.where(self.scored, self.as_of_day - self.first_day, 0.0)
+
+    @property
+    def mean_repeat_spend(self) -> FloatArray:
+        repeats = self.frequency
+        return np.divide(self.repeat_spend, repeats, out=np.zeros_like(self.repeat_spend), where=repeats > 0)
+
+    @property
+    def average_order_value(self) -> FloatArray:
+        orders = self.paid_orders.astype(np.float64)
+        return np.divide(self.lifetime_spend, orders, out=np.zeros_like(self.lifetime_spend), where=orders > 0)
+
+    @property
+    def days_since_last(self) -> FloatArray:
+        return np.where(self.scored, self.as_of_day - self.last_day, np.nan)
+
+    def index_of(self, customer_ids: IntArray) -> IntArray:
+        """Positions of the given ids (which must be present)."""
+        return np.searchsorted(self.customer_id, customer_ids).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class ReferralFigures:
+    converted_referrals: IntArray
+    referred_revenue: FloatArray
+
+
+def day_number(instant: datetime) -> float:
+    return instant.timestamp() / SECONDS_PER_DAY
+
+
+def _bind_times(statement: Any) -> Any:
+    return statement.bindparams(
+        bindparam("as_of", type_=DateTimeUTC()),
+        bindparam("since", type_=DateTimeUTC()),
+    )
+
+
+def _filters(customer_ids: Sequence[int] | None) -> dict[str, str]:
+    if customer_ids is None:
+        return {"refund_filter": "", "order_filter": "", "event_filter": "", "customer_filter": ""}
+    return {
+        "refund_filter": "AND customer_id IN :ids",
+        "order_filter": "AND o.customer_id IN :ids",
+        "event_filter": "AND customer_id IN :ids",
+        "customer_filter": "WHERE c.id IN :ids",
+    }
+
+
+def _expanding(statement: Any, customer_ids: Sequence[int] | None) -> Any:
+    if customer_ids is None:
+        return statement
+    return statement.bindparams(bindparam("ids", expanding=True))
+
+
+async def load_figures(
+    session: AsyncSession,
+    as_of: datetime,
+    config: ScoringConfig,
+    customer_ids: Sequence[int] | None = None,
+) -> Figures:
+    """Figures for every customer (``customer_ids=None``) or for the given ones, streamed in chunks."""
+    dialect = session.get_bind().dialect.name
+    day = _DAY_NUMBER[dialect].format(column="o.placed_at")
+    sql = _FIGURES_SQL.format(day=day, **_filters(customer_ids))
+    as_of_day = day_number(as_of)
+    window_start_day = math.floor(as_of_day) - config.window_days + 1
+    params: dict[str, Any] = {"as_of": as_of, "window_start_day": window_start_day}
+    if customer_ids is not None:
+        params["ids"] = list(customer_ids)
+    statement = _expanding(text(sql).bindparams(bindparam("as_of", type_=DateTimeUTC())), customer_ids)
+
+    chunks: list[NDArray[np.float64]] = []
+    result = await session.stream(statement, params)
+    async for partition in result.partitions(STREAM_CHUNK):
+        # Money arrives as integer ten-thousandths; float64 holds them exactly up to 9e15.
+        chunks.append(np.array([tuple(row) for row in partition], dtype=np.float64).reshape(-1, 11))
+    table = np.concatenate(chunks) if chunks else np.zeros((0, 11))
+    money = 1.0 / STORAGE_FACTOR
+    return Figures(
+        customer_id=table[:, 0].astype(np.int64),
+        occasions=table[:, 1].astype(np.int64),
+        paid_orders=table[:, 2].astype(np.int64),
+        first_day=table[:, 3],
+        last_day=table[:, 4],
+        lifetime_spend=table[:, 5] * money,
+        net_spend=table[:, 6] * money,
+        orders_in_window=table[:, 7].astype(np.int64),
+        repeat_spend=table[:, 8] * money,
+        reviews=table[:, 9].astype(np.int64),
+        shares=table[:, 10].astype(np.int64),
+        as_of_day=as_of_day,
+    )
+
+
+async def load_referral_edges(
+    session: AsyncSession, as_of: datetime, customer_ids: Sequence[int] | None = None
+) -> tuple[IntArray, IntArray]:
+    """(referrer, referee) pairs as of the instant; with ids, the edges touching those customers' two levels."""
+    if customer_ids is None:
+        sql = _REFERRALS_SQL.format(filter="")
+        params: dict[str, Any] = {"as_of": as_of}
+    else:
+        # Two levels below each given referrer.
+        sql = _REFERRALS_SQL.format(
+            filter=(
+                "AND (referrer_id IN :ids"
+                " OR referrer_id IN (SELECT referee_id FROM referral WHERE referrer_id IN :ids))"
+            )
+        )
+        params = {"as_of": as_of, "ids": list(customer_ids)}
+    statement = _expanding(text(sql).bindparams(bindparam("as_of", type_=DateTimeUTC())), customer_ids)
+    rows = (await session.execute(statement, params)).all()
+    edges = np.array(rows, dtype=np.int64).reshape(-1, 2)
+    return edges[:, 0], edges[:, 1]
+
+
+def referral_figures(
+    figures: Figures,
+    referrers: IntArray,
+    referees: IntArray,
+    decay: float,
+    referee_figures: Figures | None = None,
+) -> ReferralFigures:
+    """Converted referrals and referred revenue (net spend in the window; a second level at ``decay``).
+
+    A referral converts once the referee has a paid order. ``referee_figures`` holds the referees' figures when
+    they are not in ``figures`` (the real-time path loads only the customers it needs).
+    """
+    source = referee_figures or figures
+    n = len(figures)
+    converted = np.zeros(n, dtype=np.int64)
+    revenue = np.zeros(n, dtype=np.float64)
+    if referrers.size == 0 or len(source) == 0:
+        return ReferralFigures(converted, revenue)
+    referee_pos = np.searchsorted(source.customer_id, referees)
+    referee_pos = np.clip(referee_pos, 0, len(source) - 1)
+    known = source.customer_id[referee_pos] == referees
+    referee_paid = known & (source.occasions[referee_pos] > 0)
+    referee_spend = np.where(known, source.net_spend[referee_pos], 0.0)
+
+    # First level, credited to referrers present in `figures`.
+    referrer_pos = np.clip(np.searchsorted(figures.customer_id, referrers), 0, n - 1)
+    referrer_known = figures.customer_id[referrer_pos] == referrers
+    np.add.at(converted, referrer_pos[referrer_known], referee_paid[referrer_known].astype(np.int64))
+    np.add.at(revenue, referrer_pos[referrer_known], referee_spend[referrer_known])
+
+    # Second level: the revenue a referee's own referees bring, credited to the first referrer at a decay.
+    if decay > 0:
+        order = np.argsort(referrers, kind="stable")
+        sorted_referrers = referrers[order]
+        first = np.searchsorted(sorted_referrers, referees, side="left")
+        last = np.searchsorted(sorted_referrers, referees, side="right")
+        spend_by_edge = referee_spend[order]
+        cumulative = np.concatenate([[0.0], np.cumsum(spend_by_edge)])
+        grandchild_spend = cumulative[last] - cumulative[first]
+        np.add.at(revenue, referrer_pos[referrer_known], decay * grandchild_spend[referrer_known])
+    return ReferralFigures(converted, revenue)
+
+
+async def load_interests(
+    session: AsyncSession, as_of: datetime, config: ScoringConfig, customer_ids: Sequence[int] | None = None
+) -> dict[int, list[dict[str, Any]]]:
+    """The most engaged targets of each customer in the interest window."""
+    if config.top_interests == 0:
+        return {}
+    sql = _INTERESTS_SQL.format(filter="" if customer_ids is None else "AND customer_id IN :ids")
+    params: dict[str, Any] = {
+        "as_of": as_of,
+        "since": as_of - timedelta(days=config.interest_window_days),
+        "top": config.top_interests,
+    }
+    if customer_ids is not None:
+        params["ids"] = list(customer_ids)
+    statement = _expanding(_bind_times(text(sql)), customer_ids)
+    interests: dict[int, list[dict[str, Any]]] = {}
+    result = await session.stream(statement, params)
+    async for partition in result.partitions(STREAM_CHUNK):
+        for customer_id, target, engagements in partition:
+            interests.setdefault(int(customer_id), []).append({"target": target, "engagements": int(engagements)})
+    return interests
