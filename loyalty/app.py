@@ -21,7 +21,7 @@ from loyalty import __version__
 from loyalty.activity.controllers import EventController, OrderController, ReferralController
 from loyalty.customers.controllers import CustomerController, ReportController
 from loyalty.db.dependencies import provide_session
-from loyalty.db.session import create_engine, create_session_maker
+from loyalty.db.session import create_engine, create_session_maker, read_only
 from loyalty.lib.errors import handle_exception, problems_reference
 from loyalty.lib.logging import configure_logging
 from loyalty.lib.middleware import RequestContextMiddleware, rate_limit_config
@@ -151,5 +151,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app.state.secret_key = secret_key
     app.state.engine = engine
     app.state.session_maker = session_maker
+    app.state.read_session_maker = read_only(session_maker)
     app.state.model_cache = ModelCache(ttl=settings.poll_seconds)
     return app

@@ -30,8 +30,7 @@ async def _key_principal(connection: ASGIConnection[Any, Any, Any, Any]) -> KeyP
         if connection.headers.get("authorization"):
             raise _unauthenticated("This route takes an API key in X-API-Key, not a customer token")
         raise _unauthenticated("Send an API key in the X-API-Key header")
-    session_maker = connection.app.state.session_maker
-    async with session_maker() as session:
+    async with connection.app.state.read_session_maker() as session:
         principal = await authenticate_key(session, plain)
         await session.rollback()
     if principal is None:

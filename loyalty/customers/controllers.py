@@ -98,7 +98,7 @@ class ReportController(Controller):
     ) -> Stream:
         """Every member with scores and figures as CSV, streamed."""
         return Stream(
-            reports.export_csv(request.app.state.session_maker, tier, min_value_score),
+            reports.export_csv(request.app.state.read_session_maker, tier, min_value_score),
             media_type="text/csv",
             headers={"Content-Disposition": 'attachment; filename="customers.csv"'},
         )
@@ -106,4 +106,4 @@ class ReportController(Controller):
     @get("/segments", operation_id="ListSegments")
     async def list_segments(self, request: Request[Any, Any, Any]) -> schemas.SegmentList:
         """Per tier: customers, share, revenue share and score spreads (p10, p50, p90)."""
-        return await reports.segments(request.app.state.session_maker, request.app.state.tiers)
+        return await reports.segments(request.app.state.read_session_maker, request.app.state.tiers)

@@ -12,6 +12,8 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from loyalty.settings import Settings
 
+READ_ONLY_OPTION = "loyalty_read_only"
+
 
 def _configure_sqlite(engine: AsyncEngine, settings: Settings) -> None:
     busy_ms = int(settings.db_timeout_seconds * 1000 * 3)
@@ -30,8 +32,12 @@ def _configure_sqlite(engine: AsyncEngine, settings: Settings) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(connection: Any) -> None:
         # IMMEDIATE takes the write lock up front: a transaction that reads, then writes, can otherwise fail
-        # with SQLITE_BUSY when another connection wrote in between, instead of waiting its turn.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # with SQLITE_BUSY when another connection wrote in between, instead of waiting its turn. Read-only
+        # sessions begin DEFERRED and read a WAL snapshot, so they never wait for a writer (nor it for them).
+        if connection.get_execution_options().get(READ_ONLY_OPTION):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def create_engine(settings: Settings) -> AsyncEngine:
@@ -63,6 +69,14 @@ def create_engine(settings: Settings) -> AsyncEngine:
 
 def create_session_maker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+def read_only(session_maker: async_sessionmaker[AsyncSession]) -> async_sessionmaker[AsyncSession]:
+    """Sessions for work that only reads: on SQLite they neither take nor wait for the write lock."""
+    engine = session_maker.kw["bind"]
+    return async_sessionmaker(
+        engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False, autoflush=False
+    )
 
 
 @asynccontextmanager

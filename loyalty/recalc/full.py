@@ -17,11 +17,12 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import insert, select, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.db.dialect import bulk_upsert
 from loyalty.db.models import CustomerScore, CustomerTier, RecalcRun, TierHistory
-from loyalty.db.session import transaction
+from loyalty.db.session import read_only, transaction
 from loyalty.lib.clock import utcnow
 from loyalty.recalc import runs
 from loyalty.recalc.assignments import place_customer
@@ -75,10 +76,17 @@ async def keep_lease(
     async def renew() -> None:
         while True:
             await asyncio.sleep(lease_seconds / 3)
-            async with transaction(session_maker) as session:
-                if not await runs.renew_lease(session, run_id, lease_seconds):
-                    lost.set()
-                    return
+            try:
+                async with transaction(session_maker) as session:
+                    renewed = await runs.renew_lease(session, run_id, lease_seconds)
+            except DBAPIError as error:
+                # On SQLite our own write transaction holds the database's only write lock; the renewal waits
+                # for the next tick. Nothing else can fail the run meanwhile, for the same reason.
+                logger.debug("lease renewal postponed: %s", error.orig)
+                continue
+            if not renewed:
+                lost.set()
+                return
 
     task = asyncio.create_task(renew(), name=f"recalc-lease-{run_id}")
     try:
@@ -105,7 +113,7 @@ async def compute_population(
     session_maker: async_sessionmaker[AsyncSession], as_of: datetime, config: ScoringConfig, timer: PhaseTimer
 ) -> Population:
     """Aggregate in the database, fit the models once, and rank every customer (reads only)."""
-    async with timer.phase("aggregate"), session_maker() as session:
+    async with timer.phase("aggregate"), read_only(session_maker)() as session:
         figures = await load_figures(session, as_of, config)
         referrers, referees = await load_referral_edges(session, as_of)
         interests = await load_interests(session, as_of, config)

@@ -14,6 +14,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -102,7 +103,10 @@ SELECT customer_id, target, engagements FROM ranked WHERE position <= :top ORDER
 
 @dataclass
 class Figures:
-    """Columnar per-customer figures, aligned by position with ``customer_id`` (ascending)."""
+    """Columnar per-customer figures, aligned by position with ``customer_id`` (ascending).
+
+    Derived columns are computed once per population (cached), as the rules read them customer by customer.
+    """
 
     customer_id: IntArray
     occasions: IntArray
@@ -120,34 +124,34 @@ class Figures:
     def __len__(self) -> int:
         return int(self.customer_id.shape[0])
 
-    @property
+    @cached_property
     def scored(self) -> NDArray[np.bool_]:
         """Customers with at least one paid order: the population percentiles are taken over."""
         return self.occasions > 0
 
-    @property
+    @cached_property
     def frequency(self) -> FloatArray:
         return np.maximum(self.occasions - 1, 0).astype(np.float64)
 
-    @property
+    @cached_property
     def recency(self) -> FloatArray:
         return np.where(self.scored, self.last_day - self.first_day, 0.0)
 
-    @property
+    @cached_property
     def age(self) -> FloatArray:
         return np.where(self.scored, self.as_of_day - self.first_day, 0.0)
 
-    @property
+    @cached_property
     def mean_repeat_spend(self) -> FloatArray:
         repeats = self.frequency
         return np.divide(self.repeat_spend, repeats, out=np.zeros_like(self.repeat_spend), where=repeats > 0)
 
-    @property
+    @cached_property
     def average_order_value(self) -> FloatArray:
         orders = self.paid_orders.astype(np.float64)
         return np.divide(self.lifetime_spend, orders, out=np.zeros_like(self.lifetime_spend), where=orders > 0)
 
-    @property
+    @cached_property
     def days_since_last(self) -> FloatArray:
         return np.where(self.scored, self.as_of_day - self.last_day, np.nan)
 

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.db.dialect import bulk_upsert
 from loyalty.db.models import Customer, CustomerScore, CustomerTier, RecalcRun, TierHistory
+from loyalty.db.session import read_only
 from loyalty.lib.clock import utcnow
 from loyalty.lib.errors import NOT_FOUND, ProblemError, field_problem
 from loyalty.recalc.assignments import FIGURE_NAMES, decide, facts_at
@@ -218,7 +219,8 @@ async def preview(
     """
     moves: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     now = utcnow()
-    async with session_maker() as session:
+    reader = read_only(session_maker)
+    async with reader() as session:
         last_run = await session.scalar(
             select(RecalcRun.id)
             .where(RecalcRun.status == "succeeded", RecalcRun.dry_run.is_(False))
@@ -234,7 +236,7 @@ async def preview(
         await session.rollback()
     customers = 0
     if candidate.scoring == current.scoring:
-        async with session_maker() as session:
+        async with reader() as session:
             result = await session.stream(select(CustomerScore).execution_options(yield_per=PREVIEW_CHUNK))
             async for score in result.scalars():
                 customers += 1

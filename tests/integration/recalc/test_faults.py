@@ -1,0 +1,135 @@
+"""A recalculation killed mid-run, and two replicas sharing one cron: real processes, real scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from litestar.testing import AsyncTestClient
+from sqlalchemy import func, select
+
+from loyalty.app import create_app
+from loyalty.db.models import CustomerTier, RecalcRun
+from loyalty.db.session import read_only
+from loyalty.demo.generator import load_demo
+from loyalty.settings import PROJECT_ROOT
+
+LEASE_SECONDS = 3
+
+
+async def _tiers(session_maker: Any) -> list[tuple[int, str, Any]]:
+    async with read_only(session_maker)() as session:
+        rows = await session.execute(select(CustomerTier.customer_id, CustomerTier.tier, CustomerTier.since))
+        return sorted(tuple(row) for row in rows)
+
+
+async def _run_status(session_maker: Any) -> list[tuple[int, str, str | None]]:
+    # Read-only: on SQLite it must not queue behind the run's own write transaction.
+    async with read_only(session_maker)() as session:
+        rows = await session.execute(select(RecalcRun.id, RecalcRun.status, RecalcRun.error).order_by(RecalcRun.id))
+        return [tuple(row) for row in rows]
+
+
+def _cli_environment(settings: Any) -> dict[str, str]:
+    return {
+        **os.environ,
+        "LOYALTY_DATABASE_URL": settings.database_url,
+        "LOYALTY_SECRET_KEY": settings.secret_key,
+        "LOYALTY_TIERS_FILE": str(settings.tiers_file),
+        "LOYALTY_RECALC_LEASE_SECONDS": str(LEASE_SECONDS),
+        "LOYALTY_LOG_FORMAT": "plain",
+    }
+
+
+@pytest.mark.slow
+async def test_killed_recalculation_keeps_previous_tiers_and_next_run_completes(
+    settings, engine, session_maker, run_due, client, keys
+) -> None:
+    await load_demo(engine, customers=15_000, seed=11)
+    first = await client.post("/v1/recalculations", json={}, headers=keys.headers("marketing"))
+    assert first.status_code == 202
+    await run_due()
+    before = await _tiers(session_maker)
+    assert len(before) == 15_000
+
+    process = subprocess.Popen(  # noqa: ASYNC220 (the child must be a real process, to be killed)
+        [sys.executable, "-m", "loyalty.cli", "recalc"],
+        env=_cli_environment(settings),
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            statuses = [status for _, status, _ in await _run_status(session_maker)]
+            if statuses[-1] == "running" and len(statuses) == 2:
+                break
+            await asyncio.sleep(0.02)
+            if process.poll() is not None:
+                runs = await _run_status(session_maker)
+                errors = process.stderr.read().decode()[-2000:] if process.stderr else ""
+                pytest.fail(f"the recalculation process exited ({process.returncode}, runs {runs}): {errors}")
+        else:
+            pytest.fail("the recalculation never started")
+        # Let it get into its work (aggregation, fit, and the rules and writes) before killing it.
+        await asyncio.sleep(1.5)
+        assert process.poll() is None, "the run finished before it could be killed; use more customers"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    killed_id, status, _ = (await _run_status(session_maker))[-1]
+    assert status == "running", "the killed run must not have reached its commit"
+    assert await _tiers(session_maker) == before
+
+    # Once the lease runs out, any replica marks the run failed and the slot is free again.
+    await asyncio.sleep(LEASE_SECONDS + 0.5)
+    await run_due()
+    runs = {run_id: (status, error) for run_id, status, error in await _run_status(session_maker)}
+    assert runs[killed_id][0] == "failed"
+    assert "lease expired" in (runs[killed_id][1] or "")
+    assert await _tiers(session_maker) == before
+
+    again = await client.post("/v1/recalculations", json={}, headers=keys.headers("marketing"))
+    assert again.status_code == 202
+    await run_due()
+    assert (await _run_status(session_maker))[-1][1] == "succeeded"
+
+
+@pytest.mark.slow
+async def test_two_replicas_run_each_scheduled_recalculation_once(database, settings, engine, session_maker) -> None:
+    if database.dialect != "postgresql":
+        pytest.skip("replicas share a PostgreSQL database; the embedded SQLite default is one process")
+    replica = settings.model_copy(
+        update={"scheduler_enabled": True, "recalc_cron": "*/2 * * * * *", "poll_seconds": 0.2}
+    )
+    first, second = create_app(replica), create_app(replica)
+    async with AsyncTestClient(app=first), AsyncTestClient(app=second):
+        await asyncio.sleep(7.5)
+    # Let a run that was claimed just before shutdown be judged by what is stored.
+    async with session_maker() as session:
+        rows = (
+            await session.execute(
+                select(RecalcRun.period_key, RecalcRun.status, RecalcRun.attempts, RecalcRun.claimed_by).where(
+                    RecalcRun.trigger == "scheduled"
+                )
+            )
+        ).all()
+        per_period = dict(
+            (await session.execute(select(RecalcRun.period_key, func.count()).group_by(RecalcRun.period_key))).all()
+        )
+    assert len(rows) >= 3, rows
+    assert all(count == 1 for count in per_period.values()), per_period
+    finished = [row for row in rows if row.status == "succeeded"]
+    assert len(finished) >= 2, rows
+    assert all(row.attempts == 1 for row in rows)
+    assert not [row for row in rows if row.status == "failed"]
