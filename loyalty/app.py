@@ -25,6 +25,8 @@ from loyalty.db.session import create_engine, create_session_maker, read_only
 from loyalty.lib.errors import handle_exception, problems_reference
 from loyalty.lib.logging import configure_logging
 from loyalty.lib.middleware import RequestContextMiddleware, rate_limit_config
+from loyalty.offers.controllers import CampaignController, CodeController, OfferController
+from loyalty.offers.dispatch import OfferJobs
 from loyalty.ops.controllers import HealthController, ProblemController
 from loyalty.recalc.controllers import RecalculationController
 from loyalty.recalc.incremental import ModelCache
@@ -96,9 +98,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         recalc_jobs = RecalcJobs(session_maker, tiers, recalc_cron, settings.recalc_lease_seconds)
+        offer_jobs = OfferJobs(session_maker, settings.timezone, settings.recalc_lease_seconds)
         timer = Timer(
             poll_seconds=settings.poll_seconds,
-            poll_jobs=recalc_jobs.poll_jobs(),
+            poll_jobs=recalc_jobs.poll_jobs() + offer_jobs.poll_jobs(),
             cron=recalc_cron,
             cron_jobs=recalc_jobs.cron_jobs(),
             timezone=settings.timezone,
@@ -127,6 +130,9 @@ def create_app(settings: Settings | None = None) -> Litestar:
             RecalculationController,
             CustomerTierController,
             TierController,
+            OfferController,
+            CampaignController,
+            CodeController,
             create_static_files_router(
                 path="/schema-assets", directories=[STATIC_DIR], include_in_schema=False, name="schema-assets"
             ),

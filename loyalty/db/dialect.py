@@ -59,3 +59,21 @@ async def advisory_lock(session: AsyncSession, key: int) -> None:
     """
     if is_postgres(session):
         await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+def random_code_sql(session: AsyncSession) -> str:
+    """SQL for a fresh 64-bit random code in upper-case hex, drawn from the database's strong random source.
+
+    PostgreSQL's gen_random_uuid() and SQLite's randomblob() both use a cryptographic generator, so codes issued
+    in one set-based statement are as unguessable as ``secrets.token_hex``.
+    """
+    if is_postgres(session):
+        return "upper(substr(replace(CAST(gen_random_uuid() AS text), '-', ''), 1, 16))"
+    return "hex(randomblob(8))"
+
+
+def json_object_sql(session: AsyncSession, fields: Sequence[tuple[str, str]]) -> str:
+    """SQL building a JSON object from (key, SQL expression) pairs."""
+    function = "json_build_object" if is_postgres(session) else "json_object"
+    arguments = ", ".join(f"'{key}', {expression}" for key, expression in fields)
+    return f"{function}({arguments})"

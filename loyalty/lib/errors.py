@@ -73,6 +73,19 @@ REFERRAL_CYCLE = _kind("referral-cycle", "Referral cycle", 422, "The referral wo
 RUN_IN_PROGRESS = _kind(
     "recalculation-in-progress", "Recalculation in progress", 409, "A recalculation is queued or running; wait for it."
 )
+CODE_UNKNOWN = _kind("code-not-found", "Unknown code", 404, "No offer code with this value.")
+CODE_NOT_THEIRS = _kind("code-not-theirs", "Code of another customer", 422, "The code was issued to someone else.")
+CODE_EXPIRED = _kind("code-expired", "Code expired", 422, "The code's validity has ended.")
+CODE_USED_UP = _kind("code-used-up", "No use left", 409, "Every use of the code has been redeemed.")
+CODE_BELOW_MINIMUM = _kind(
+    "below-minimum-order", "Order below the minimum", 422, "The order total is below the offer's minimum."
+)
+OFFER_NAME_TAKEN = _kind(
+    "offer-name-taken", "Offer name taken", 409, "Offer names are unique; welcome offers use them."
+)
+CAMPAIGN_FINISHED = _kind(
+    "campaign-finished", "Campaign already finished", 409, "A completed or cancelled campaign cannot be cancelled."
+)
 CUSTOMER_ERASED = _kind("customer-erased", "Customer erased", 404, "The customer's data was erased.")
 
 

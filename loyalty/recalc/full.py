@@ -24,6 +24,7 @@ from loyalty.db.dialect import bulk_upsert
 from loyalty.db.models import CustomerScore, CustomerTier, RecalcRun, TierHistory
 from loyalty.db.session import read_only, transaction
 from loyalty.lib.clock import utcnow
+from loyalty.offers.welcome import issue_welcome_offers
 from loyalty.recalc import runs
 from loyalty.recalc.assignments import place_customer
 from loyalty.scoring.config import ScoringConfig
@@ -44,6 +45,7 @@ from loyalty.scoring.scores import (
     score_inputs,
 )
 from loyalty.tiers.config import TiersConfig
+from loyalty.webhooks.outbox import HistorySelection, announce_tier_changes
 
 logger = logging.getLogger("loyalty.recalc")
 WRITE_CHUNK = 5_000
@@ -239,6 +241,11 @@ async def _compute_and_write(
                         await session.execute(insert(TierHistory), history_rows)
         if lease_lost.is_set():
             raise LeaseLostError("the run's lease was lost; another replica marked it failed")
+        if not dry_run:
+            async with timer.phase("effects"):
+                selection = HistorySelection(run_id=run_id)
+                await announce_tier_changes(session, selection, now)
+                await issue_welcome_offers(session, tiers, selection, now)
         matrix = {source: dict(targets) for source, targets in moves.items()}
         finished = await session.scalar(
             update(RecalcRun)

@@ -16,10 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from loyalty.db.dialect import bulk_upsert, is_postgres
 from loyalty.db.models import Customer, CustomerScore, CustomerTier, RecalcRun, Referral, TierHistory
 from loyalty.lib.clock import utcnow
+from loyalty.offers.welcome import issue_welcome_offers
 from loyalty.recalc.assignments import place_customer
 from loyalty.scoring.figures import load_figures, load_interests, load_referral_edges, referral_figures
 from loyalty.scoring.scores import ScoringModel, rank_on_cutoffs, score_inputs
 from loyalty.tiers.config import TiersConfig
+from loyalty.webhooks.outbox import HistorySelection, announce_tier_changes
 
 
 @dataclass
@@ -136,6 +138,9 @@ async def rescore(
     await bulk_upsert(session, CustomerTier, tier_rows, ["customer_id"])
     if history_rows:
         await session.execute(insert(TierHistory), history_rows)
+        selection = HistorySelection(customer_ids=[row["customer_id"] for row in history_rows], at=now)
+        await announce_tier_changes(session, selection, now)
+        await issue_welcome_offers(session, tiers, selection, now)
     return tiers_now
 
 

@@ -14,11 +14,13 @@ from loyalty.db.models import Customer, CustomerScore, CustomerTier, RecalcRun, 
 from loyalty.db.session import read_only
 from loyalty.lib.clock import utcnow
 from loyalty.lib.errors import NOT_FOUND, ProblemError, field_problem
+from loyalty.offers.welcome import issue_welcome_offers
 from loyalty.recalc.assignments import FIGURE_NAMES, decide, facts_at
 from loyalty.recalc.full import PhaseTimer, compute_population
 from loyalty.tiers import schemas
 from loyalty.tiers.config import TiersConfig
 from loyalty.tiers.rules import CustomerFacts, decide_tier, describe_rule
+from loyalty.webhooks.outbox import HistorySelection, announce_tier_changes
 
 PREVIEW_CHUNK = 20_000
 
@@ -150,6 +152,9 @@ async def set_pin(
         )
     )
     await session.flush()
+    selection = HistorySelection(customer_ids=[customer_id], at=now)
+    await announce_tier_changes(session, selection, now)
+    await issue_welcome_offers(session, tiers, selection, now)
     return await badge(session, tiers, external_id)
 
 
@@ -190,7 +195,8 @@ async def remove_pin(session: AsyncSession, external_id: str) -> None:
                 reason="pin removed by marketing; the tier the rules give applies again",
             )
         )
-    await session.flush()
+        await session.flush()
+        await announce_tier_changes(session, HistorySelection(customer_ids=[customer_id], at=now), now)
 
 
 async def history(session: AsyncSession, customer_id: int, limit: int = 500) -> list[schemas.HistoryItem]:

@@ -1,0 +1,132 @@
+"""Offer, campaign, code and redemption routes."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Annotated, Any
+
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath, JSONBody, Parameter
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from loyalty.access import guards
+from loyalty.lib.errors import field_problem
+from loyalty.lib.money import parse_money
+from loyalty.lib.pagination import Cursor, Limit, Page
+from loyalty.lib.schemas import ExternalId
+from loyalty.offers import redemptions, results, schemas, services
+
+
+class OfferController(Controller):
+    path = "/v1/offers"
+    tags = ["marketing"]
+    guards = [guards.marketing]
+
+    @post("/", operation_id="CreateOffer", status_code=HTTP_201_CREATED)
+    async def create_offer(
+        self, session: NamedDependency[AsyncSession], data: JSONBody[schemas.OfferCreate]
+    ) -> schemas.Offer:
+        """Create an offer template (names are unique: welcome offers refer to them)."""
+        return await services.create_offer(session, data)
+
+    @get("/", operation_id="ListOffers")
+    async def list_offers(
+        self, session: NamedDependency[AsyncSession], limit: Limit = 50, cursor: Cursor = None
+    ) -> Page[schemas.Offer]:
+        """Offers, newest first."""
+        return await services.list_offers(session, limit, cursor)
+
+    @get("/{offer_id:int}", operation_id="GetOffer")
+    async def get_offer(self, session: NamedDependency[AsyncSession], offer_id: FromPath[int]) -> schemas.Offer:
+        """One offer."""
+        return await services.get_offer(session, offer_id)
+
+
+class CampaignController(Controller):
+    path = "/v1/campaigns"
+    tags = ["marketing"]
+    guards = [guards.marketing]
+
+    @post("/", operation_id="CreateCampaign", status_code=HTTP_201_CREATED)
+    async def create_campaign(
+        self,
+        request: Request[Any, Any, Any],
+        session: NamedDependency[AsyncSession],
+        data: JSONBody[schemas.CampaignCreate],
+    ) -> schemas.Campaign:
+        """Schedule an offer to tiers, once (`send_at`) or on a `cron`, with a holdout group."""
+        return await services.create_campaign(session, data, request.app.state.settings.timezone)
+
+    @get("/", operation_id="ListCampaigns")
+    async def list_campaigns(
+        self, session: NamedDependency[AsyncSession], limit: Limit = 50, cursor: Cursor = None
+    ) -> Page[schemas.Campaign]:
+        """Campaigns, newest first, with status, next send, counts and the lateness of past sends."""
+        return await services.list_campaigns(session, limit, cursor)
+
+    @get("/{campaign_id:int}", operation_id="GetCampaign")
+    async def get_campaign(
+        self, session: NamedDependency[AsyncSession], campaign_id: FromPath[int]
+    ) -> schemas.Campaign:
+        """One campaign with its sends."""
+        return await services.get_campaign(session, campaign_id)
+
+    @post("/{campaign_id:int}/cancel", operation_id="CancelCampaign", status_code=HTTP_200_OK)
+    async def cancel_campaign(
+        self, session: NamedDependency[AsyncSession], campaign_id: FromPath[int]
+    ) -> schemas.Campaign:
+        """Stop future sends (codes already issued stay valid); a finished campaign is a 409."""
+        return await services.cancel_campaign(session, campaign_id)
+
+    @get("/{campaign_id:int}/results", operation_id="GetCampaignResults")
+    async def get_results(
+        self, session: NamedDependency[AsyncSession], campaign_id: FromPath[int]
+    ) -> schemas.CampaignResults:
+        """Redemptions and incremental revenue per customer against the holdout, with a 95% interval.
+
+        Intent-to-treat difference of mean revenue per customer (net of refunds, orders in the campaign window);
+        the interval uses Welch's standard error and the normal approximation; fewer than 30 customers in a group
+        gives `insufficient_data`.
+        """
+        return await results.campaign_results(session, campaign_id)
+
+
+OrderTotalQuery = Annotated[str | None, Parameter(max_length=40, description="Order total to check the minimum.")]
+
+
+class CodeController(Controller):
+    path = "/v1"
+    tags = ["storefront"]
+    guards = [guards.storefront]
+
+    @get("/codes/{code:str}", operation_id="CheckCode")
+    async def check_code(
+        self,
+        session: NamedDependency[AsyncSession],
+        code: Annotated[str, Parameter(max_length=32)],
+        customer_id: Annotated[ExternalId | None, Parameter(description="The customer at checkout.")] = None,
+        order_total: OrderTotalQuery = None,
+    ) -> schemas.CodeCheck:
+        """Check a code at checkout without redeeming it."""
+        total: Decimal | None = None
+        if order_total is not None:
+            try:
+                total = parse_money(order_total)
+            except ValueError as error:
+                raise field_problem("order_total", str(error)) from None
+        return await redemptions.check_code(session, code, customer_id, total)
+
+    @post("/redemptions", operation_id="Redeem", status_code=HTTP_201_CREATED)
+    async def redeem(
+        self, session: NamedDependency[AsyncSession], data: JSONBody[schemas.RedemptionCreate]
+    ) -> Response[schemas.Redemption]:
+        """Redeem a code for an order; a replay for the same order returns the redemption (200)."""
+        redemption, created = await redemptions.redeem(session, data)
+        return Response(redemption, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
+
+    @delete("/redemptions/{redemption_id:int}", operation_id="VoidRedemption", status_code=HTTP_204_NO_CONTENT)
+    async def void_redemption(self, session: NamedDependency[AsyncSession], redemption_id: FromPath[int]) -> None:
+        """Void a redemption (the order was cancelled): the use comes back."""
+        await redemptions.void(session, redemption_id)

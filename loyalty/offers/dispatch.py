@@ -1,0 +1,285 @@
+"""Campaign dispatch: due occurrences become leased sends; a send issues its codes in set-based statements.
+
+Every effect has a unique key — one member row and one code per send and customer, one outbox event per code —
+so a retried, duplicated or taken-over send issues nothing twice. The holdout split is a deterministic hash of
+campaign and customer: a retry, and every occurrence of a recurring campaign, makes the same split.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from loyalty.db.dialect import insert_ignoring_conflicts, is_postgres, json_object_sql, random_code_sql
+from loyalty.db.models import Campaign, CampaignMember, CampaignSend, IssuedCode, Offer
+from loyalty.db.session import transaction
+from loyalty.db.types import DateTimeUTC
+from loyalty.lib.clock import utcnow
+from loyalty.offers.services import next_fire
+from loyalty.recalc.runs import WORKER_ID
+from loyalty.scheduling.timer import CronError, Job
+
+logger = logging.getLogger("loyalty.offers")
+
+# The split hashes (customer, campaign) onto 0..HASH_MODULUS-1; a customer is in the holdout below the cut.
+HASH_MODULUS = 1_000_003
+SENDS_PER_POLL = 10
+
+_MEMBERS_SQL = """
+INSERT INTO campaign_member (send_id, customer_id, campaign_id, holdout)
+SELECT CAST(:send_id AS BIGINT), c.id, CAST(:campaign_id AS BIGINT),
+       CASE WHEN (c.id * 2654435761 + CAST(:campaign_id AS BIGINT) * 97531) % {modulus} < :holdout_cut
+            THEN {true} ELSE {false} END
+FROM customer c
+JOIN customer_tier t ON t.customer_id = c.id
+LEFT JOIN customer_score s ON s.customer_id = c.id
+WHERE t.tier IN :tiers
+  AND NOT c.marketing_opt_out
+  AND c.external_id IS NOT NULL
+  AND COALESCE(s.value_score, 0) >= :min_value
+  AND COALESCE(s.frequency_score, 0) >= :min_frequency
+  AND COALESCE(s.influence_score, 0) >= :min_influence
+ON CONFLICT (send_id, customer_id) DO NOTHING
+"""
+
+_CODES_SQL = """
+INSERT INTO issued_code (code, offer_id, customer_id, campaign_id, send_id, issued_at, expires_at, uses_left, status)
+SELECT {code}, CAST(:offer_id AS BIGINT), m.customer_id, CAST(:campaign_id AS BIGINT), CAST(:send_id AS BIGINT),
+       :now, :expires_at, :uses, 'active'
+FROM campaign_member m
+WHERE m.send_id = CAST(:send_id AS BIGINT) AND NOT m.holdout
+ON CONFLICT (send_id, customer_id) DO NOTHING
+"""
+
+_ISSUED_EVENTS_SQL = """
+INSERT INTO outbox_event (event_type, dedupe_key, occurred_at, payload, created_at)
+SELECT 'offer.issued', 'offer.issued:' || ic.code, ic.issued_at, {payload}, :now
+FROM issued_code ic JOIN customer c ON c.id = ic.customer_id
+WHERE ic.send_id = :send_id
+ON CONFLICT (dedupe_key) DO NOTHING
+"""
+
+
+def _issued_payload(session: AsyncSession) -> str:
+    return json_object_sql(
+        session,
+        [
+            ("code", "ic.code"),
+            ("customer_id", "c.external_id"),
+            ("offer_id", "ic.offer_id"),
+            ("campaign_id", "ic.campaign_id"),
+            ("expires_at", "CAST(:expires_text AS VARCHAR(40))"),
+        ],
+    )
+
+
+async def schedule_due_occurrences(session: AsyncSession, timezone: str, now: datetime | None = None) -> int:
+    """Turn each campaign occurrence that has come due into a send; advance the campaign to its next one.
+
+    Missed occurrences of a recurring campaign (no replica was running) collapse into one send, the latest.
+    """
+    now = now or utcnow()
+    due = select(Campaign).where(Campaign.status.in_(("scheduled", "running")), Campaign.next_send_at <= now)
+    if is_postgres(session):
+        due = due.with_for_update(skip_locked=True)
+    created = 0
+    for campaign in (await session.scalars(due)).all():
+        occurrence = campaign.next_send_at
+        assert occurrence is not None
+        if campaign.cron:
+            # The latest occurrence not after now, so one late start sends once, not once per missed period.
+            latest = occurrence
+            try:
+                while (following := next_fire(campaign.cron, timezone, latest)) is not None and following <= now:
+                    latest = following
+                following = next_fire(campaign.cron, timezone, now)
+            except CronError:
+                following = None
+            occurrence = latest
+            campaign.next_send_at = following
+        else:
+            campaign.next_send_at = None
+        inserted = await session.scalar(
+            insert_ignoring_conflicts(session, CampaignSend, ["campaign_id", "occurrence_at"]).returning(
+                CampaignSend.id
+            ),
+            {
+                "campaign_id": campaign.id,
+                "occurrence_at": occurrence,
+                "status": "due",
+                "attempts": 0,
+                "issued": 0,
+                "holdout": 0,
+            },
+        )
+        created += inserted is not None
+    await session.flush()
+    return created
+
+
+async def claim_send(session: AsyncSession, lease_seconds: float, now: datetime | None = None) -> int | None:
+    """Claim the oldest due send, or one whose claimant's lease ran out (its effects are idempotent)."""
+    now = now or utcnow()
+    candidate = (
+        select(CampaignSend.id)
+        .where((CampaignSend.status == "due") | ((CampaignSend.status == "running") & (CampaignSend.lease_until < now)))
+        .order_by(CampaignSend.occurrence_at)
+        .limit(1)
+    )
+    if is_postgres(session):
+        candidate = candidate.with_for_update(skip_locked=True)
+    return await session.scalar(
+        update(CampaignSend)
+        .where(CampaignSend.id == candidate.scalar_subquery())
+        .values(
+            status="running",
+            claimed_by=WORKER_ID,
+            lease_until=now + timedelta(seconds=lease_seconds),
+            attempts=CampaignSend.attempts + 1,
+            started_at=func.coalesce(CampaignSend.started_at, now),
+        )
+        .returning(CampaignSend.id)
+    )
+
+
+@dataclass(frozen=True)
+class SendResult:
+    send_id: int
+    issued: int
+    holdout: int
+
+
+async def dispatch_send(session: AsyncSession, send_id: int, now: datetime | None = None) -> SendResult:
+    """Assign members and issue codes for one send, in a few set-based statements."""
+    now = now or utcnow()
+    send = await session.get(CampaignSend, send_id)
+    assert send is not None
+    campaign = await session.get(Campaign, send.campaign_id)
+    assert campaign is not None
+    offer = await session.get(Offer, campaign.offer_id)
+    assert offer is not None
+    if campaign.status == "cancelled":
+        await session.execute(
+            update(CampaignSend).where(CampaignSend.id == send_id).values(status="cancelled", finished_at=now)
+        )
+        return SendResult(send_id, 0, 0)
+    filters = campaign.filters or {}
+    true, false = ("TRUE", "FALSE") if is_postgres(session) else ("1", "0")
+    members = text(_MEMBERS_SQL.format(modulus=HASH_MODULUS, true=true, false=false)).bindparams(
+        bindparam("tiers", expanding=True)
+    )
+    await session.execute(
+        members,
+        {
+            "send_id": send_id,
+            "campaign_id": campaign.id,
+            "holdout_cut": int(campaign.holdout_pct / 100.0 * HASH_MODULUS),
+            "tiers": list(campaign.tiers),
+            "min_value": filters.get("min_value_score", 0),
+            "min_frequency": filters.get("min_frequency_score", 0),
+            "min_influence": filters.get("min_influence_score", 0),
+        },
+    )
+    expires_at = now + timedelta(days=offer.valid_days)
+    codes = text(_CODES_SQL.format(code=random_code_sql(session))).bindparams(
+        bindparam("now", type_=DateTimeUTC()), bindparam("expires_at", type_=DateTimeUTC())
+    )
+    await session.execute(
+        codes,
+        {
+            "offer_id": offer.id,
+            "campaign_id": campaign.id,
+            "send_id": send_id,
+            "now": now,
+            "expires_at": expires_at,
+            "uses": offer.uses_per_code,
+        },
+    )
+    events = text(_ISSUED_EVENTS_SQL.format(payload=_issued_payload(session))).bindparams(
+        bindparam("now", type_=DateTimeUTC())
+    )
+    await session.execute(events, {"send_id": send_id, "now": now, "expires_text": expires_at.isoformat()})
+    counts = dict(
+        (
+            await session.execute(
+                select(CampaignMember.holdout, func.count())
+                .where(CampaignMember.send_id == send_id)
+                .group_by(CampaignMember.holdout)
+            )
+        ).all()
+    )
+    issued, holdout = int(counts.get(False, 0)), int(counts.get(True, 0))
+    started = send.started_at or now
+    await session.execute(
+        update(CampaignSend)
+        .where(CampaignSend.id == send_id)
+        .values(
+            status="done",
+            finished_at=now,
+            issued=issued,
+            holdout=holdout,
+            late_seconds=max(0.0, (started - send.occurrence_at).total_seconds()),
+            lease_until=None,
+        )
+    )
+    finished = campaign.cron is None and campaign.next_send_at is None
+    await session.execute(
+        update(Campaign)
+        .where(Campaign.id == campaign.id, Campaign.status.in_(("scheduled", "running")))
+        .values(status="completed" if finished else "running", completed_at=now if finished else None)
+    )
+    return SendResult(send_id, issued, holdout)
+
+
+async def expire_codes(session: AsyncSession, now: datetime | None = None) -> int:
+    """Mark active codes whose validity ended."""
+    result = await session.execute(
+        update(IssuedCode)
+        .where(IssuedCode.status == "active", IssuedCode.expires_at <= (now or utcnow()))
+        .values(status="expired")
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+@dataclass(frozen=True)
+class OfferJobs:
+    session_maker: async_sessionmaker[AsyncSession]
+    timezone: str
+    lease_seconds: float
+
+    async def dispatch_due(self) -> dict[str, Any]:
+        """`offers.dispatch_due`: schedule due occurrences, then claim and carry out sends one by one."""
+        async with transaction(self.session_maker) as session:
+            scheduled = await schedule_due_occurrences(session, self.timezone)
+        results = []
+        for _ in range(SENDS_PER_POLL):
+            async with transaction(self.session_maker) as session:
+                send_id = await claim_send(session, self.lease_seconds)
+            if send_id is None:
+                break
+            try:
+                async with transaction(self.session_maker) as session:
+                    results.append(await dispatch_send(session, send_id))
+            except Exception:
+                logger.exception("campaign send failed; it will be retried", extra={"send_id": send_id})
+                break
+        summary: dict[str, Any] = {}
+        if scheduled:
+            summary["scheduled"] = scheduled
+        if results:
+            summary["sends"] = [result.__dict__ for result in results]
+        return summary
+
+    async def expire(self) -> dict[str, Any]:
+        """`offers.expire_codes`."""
+        async with transaction(self.session_maker) as session:
+            expired = await expire_codes(session)
+        return {"expired": expired} if expired else {}
+
+    def poll_jobs(self) -> list[Job]:
+        return [Job("offers.dispatch_due", self.dispatch_due), Job("offers.expire_codes", self.expire)]

@@ -1,0 +1,67 @@
+"""The transactional outbox: effects to announce are written with the change itself, delivered later.
+
+Producers insert with a unique `dedupe_key`, so a retried run or dispatch announces nothing twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import bindparam, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from loyalty.db.dialect import json_object_sql
+from loyalty.db.types import DateTimeUTC
+
+EVENT_TYPES = ("tier.changed", "offer.issued", "offer.redeemed")
+
+
+@dataclass(frozen=True)
+class HistorySelection:
+    """Which tier_history rows a write just added: those of a full run, or of some customers at one instant."""
+
+    run_id: int | None = None
+    customer_ids: Sequence[int] = ()
+    at: datetime | None = None
+
+    def where(self) -> str:
+        if self.run_id is not None:
+            return "h.run_id = :run_id"
+        return "h.run_id IS NULL AND h.at = :at AND h.customer_id IN :ids"
+
+    def params(self) -> dict[str, Any]:
+        if self.run_id is not None:
+            return {"run_id": self.run_id}
+        return {"at": self.at, "ids": list(self.customer_ids)}
+
+    def bind(self, statement: Any) -> Any:
+        if self.run_id is not None:
+            return statement
+        return statement.bindparams(bindparam("ids", expanding=True), bindparam("at", type_=DateTimeUTC()))
+
+
+async def announce_tier_changes(session: AsyncSession, selection: HistorySelection, now: datetime) -> None:
+    """One `tier.changed` event per history row."""
+    payload = json_object_sql(
+        session,
+        [
+            ("customer_id", "c.external_id"),
+            ("from", "h.from_tier"),
+            ("to", "h.to_tier"),
+            ("kind", "h.kind"),
+            ("reason", "h.reason"),
+        ],
+    )
+    # Only our own SQL fragments are interpolated; every value is a bound parameter.
+    sql = f"""
+        INSERT INTO outbox_event (event_type, dedupe_key, occurred_at, payload, created_at)
+        SELECT 'tier.changed', 'tier.changed:' || CAST(h.id AS VARCHAR(20)), h.at, {payload}, :now
+        FROM tier_history h JOIN customer c ON c.id = h.customer_id
+        WHERE {selection.where()}
+        ON CONFLICT (dedupe_key) DO NOTHING
+    """
+    statement = selection.bind(text(sql).bindparams(bindparam("now", type_=DateTimeUTC())))
+    await session.execute(statement, {**selection.params(), "now": now})
