@@ -218,6 +218,8 @@ async def _recalculate(engine: Any, settings: Settings, tiers: Any, as_of: datet
 
     session_maker = create_session_maker(engine)
     async with transaction(session_maker) as session:
+        await runs.expire_stale_runs(session)
+    async with transaction(session_maker) as session:
         run_id = await runs.enqueue_run(session, trigger="manual", as_of=as_of, dry_run=dry_run)
     if run_id is None:
         return None

@@ -6,13 +6,13 @@ from typing import Any
 
 from litestar import Controller, Request, Response, post
 from litestar.di import NamedDependency
-from litestar.params import JSONBody, Parameter
+from litestar.params import JSONBody
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.access import guards
 from loyalty.activity import schemas, services
-from loyalty.lib.schemas import ExternalId
+from loyalty.lib.schemas import ExternalIdPath
 from loyalty.recalc import incremental
 
 
@@ -67,7 +67,7 @@ class OrderController(Controller):
         request: Request[Any, Any, Any],
         session: NamedDependency[AsyncSession],
         data: JSONBody[schemas.RefundCreate],
-        order_id: ExternalId = Parameter(description="The storefront's order id."),
+        order_id: ExternalIdPath,
     ) -> Response[schemas.Refund]:
         """Record a refund of an order (idempotent by refund_id)."""
         written = await services.create_refund(session, order_id, data)

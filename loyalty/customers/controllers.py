@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from loyalty.access import guards
 from loyalty.customers import reports, schemas, services
 from loyalty.lib.pagination import Cursor, Limit, Page
-from loyalty.lib.schemas import ExternalId
+from loyalty.lib.schemas import ExternalIdPath
+from loyalty.recalc import incremental
 from loyalty.tiers.config import TierId
 
 CustomerIdParam = Parameter(description="The storefront's customer id.")
@@ -34,12 +35,17 @@ class CustomerController(Controller):
     )
     async def upsert_customer(
         self,
+        request: Request[Any, Any, Any],
         session: NamedDependency[AsyncSession],
         data: JSONBody[schemas.CustomerUpsert],
-        customer_id: ExternalId = CustomerIdParam,
+        customer_id: ExternalIdPath,
     ) -> Response[schemas.Customer]:
         """Create or update a customer profile."""
         written = await services.upsert_customer(session, customer_id, data)
+        if written.customer_ids:
+            # A new referral changes the referrer's influence now, as POST /v1/referrals does.
+            state = request.app.state
+            await incremental.rescore_after_write(session, written.customer_ids, state.tiers, state.model_cache)
         return Response(written.resource, status_code=HTTP_201_CREATED if written.created else HTTP_200_OK)
 
     @post(
@@ -53,7 +59,7 @@ class CustomerController(Controller):
         self,
         request: Request[Any, Any, Any],
         session: NamedDependency[AsyncSession],
-        customer_id: ExternalId = CustomerIdParam,
+        customer_id: ExternalIdPath,
     ) -> schemas.CustomerToken:
         """Mint a short-lived token that lets a signed-in customer read their own rewards."""
         state = request.app.state
@@ -69,7 +75,7 @@ class CustomerController(Controller):
         self,
         request: Request[Any, Any, Any],
         session: NamedDependency[AsyncSession],
-        customer_id: ExternalId = CustomerIdParam,
+        customer_id: ExternalIdPath,
     ) -> schemas.CustomerDetail:
         """A customer in full: profile, tier with explanation and progress, scores, figures, interests."""
         return await reports.customer_detail(session, request.app.state.tiers, customer_id)

@@ -11,13 +11,14 @@ from loyalty.lib.clock import EventTime
 from loyalty.lib.schemas import ExternalId, Schema
 
 AttributeValue = str | int | float | bool | None
+Email = Annotated[str, StringConstraints(max_length=320, pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$")]
 MAX_ATTRIBUTES = 50
 
 
 class CustomerUpsert(Schema):
     """Create or update a profile; fields left out keep their stored value."""
 
-    email: Annotated[str, StringConstraints(max_length=320, pattern=r"^[^@\s]+@[^@\s]+$")] | None = None
+    email: Email | None = None
     joined_at: EventTime | None = None
     attributes: dict[str, AttributeValue] | None = Field(
         default=None, description="Free segmentation attributes (location, device, age band ...); no PII."

@@ -53,12 +53,14 @@ async def upsert_customer(
     changes = {key: value for key, value in changes.items() if value is not None or key in ("email", "joined_at")}
     if changes:
         await session.execute(update(Customer).where(Customer.id == customer_id).values(**changes, updated_at=utcnow()))
+    affected: tuple[int, ...] = ()
     if data.referred_by is not None:
         referral = ReferralCreate(
             referrer_id=data.referred_by, referee_id=external_id, occurred_at=_referral_time(data.joined_at)
         )
-        await create_referral(session, referral, field="referred_by", replay_ignores_time=True)
-    return Written(await get_customer(session, external_id), created=existed is None)
+        written = await create_referral(session, referral, field="referred_by", replay_ignores_time=True)
+        affected = written.customer_ids if written.created else ()
+    return Written(await get_customer(session, external_id), created=existed is None, customer_ids=affected)
 
 
 def _referral_time(joined_at: datetime | None) -> datetime:

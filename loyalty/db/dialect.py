@@ -37,10 +37,14 @@ async def bulk_upsert(
     rows: Sequence[dict[str, Any]],
     key_columns: Sequence[str],
     where: ColumnElement[bool] | None = None,
-) -> None:
-    """Insert or update many rows by key in batched statements; ``where`` can veto the update of a row."""
+    returning: Any = None,
+) -> list[Any]:
+    """Insert or update many rows by key in batched statements; ``where`` can veto the update of a row.
+
+    With ``returning`` (a column), answers that column for the rows actually inserted or updated.
+    """
     if not rows:
-        return
+        return []
     statement: Any = postgresql.insert(model) if is_postgres(session) else sqlite.insert(model)
     update_columns = [column for column in rows[0] if column not in key_columns]
     statement = statement.on_conflict_do_update(
@@ -48,7 +52,10 @@ async def bulk_upsert(
         set_={column: statement.excluded[column] for column in update_columns},
         where=where,
     )
+    if returning is not None:
+        return list((await session.execute(statement.returning(returning), list(rows))).scalars().all())
     await session.execute(statement, list(rows))
+    return []
 
 
 async def advisory_lock(session: AsyncSession, key: int) -> None:

@@ -17,7 +17,10 @@ def utcnow() -> datetime:
 
 
 def _within_bounds(value: datetime) -> datetime:
-    value = value.astimezone(UTC)
+    try:
+        value = value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range") from None
     if value < EARLIEST:
         raise ValueError("must not be before 1970-01-01T00:00:00Z")
     if value > utcnow() + FUTURE_SLACK:

@@ -197,6 +197,16 @@ def _litestar_validation_errors(exc: LitestarValidationException) -> list[FieldE
     return errors or [FieldError("body", exc.detail or "invalid request")]
 
 
+# Deadlock and serialisation failures: the transaction was rolled back whole and can simply be retried.
+_RETRYABLE_SQLSTATES = {"40001", "40P01"}
+
+
+def _retryable(error: DBAPIError) -> bool:
+    original = error.orig
+    state = getattr(original, "sqlstate", None) or getattr(getattr(original, "__cause__", None), "sqlstate", None)
+    return state in _RETRYABLE_SQLSTATES
+
+
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """The single exception handler: every error leaves as problem+json, never with a stack trace."""
     if isinstance(exc, ProblemError):
@@ -213,7 +223,7 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
         headers = dict(exc.headers or {})
         return problem_response(ProblemError(kind, detail, status=exc.status_code, headers=headers), request)
     if isinstance(exc, PoolTimeoutError | OperationalError | OSError | ConnectionError) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
+        isinstance(exc, DBAPIError) and (exc.connection_invalidated or _retryable(exc))
     ):
         logger.warning("database unavailable: %s", type(exc).__name__)
         return problem_response(

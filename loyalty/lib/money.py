@@ -14,7 +14,7 @@ from loyalty.settings import get_settings
 STORAGE_SCALE = 4
 STORAGE_FACTOR = 10**STORAGE_SCALE
 # Far above any real order, far below the 64-bit limit of the stored integer.
-MAX_AMOUNT = Decimal("1000000000000")
+MAX_AMOUNT = Decimal("1000000000")
 
 
 def parse_money(value: Any) -> Decimal:
@@ -36,6 +36,7 @@ def parse_money(value: Any) -> Decimal:
         raise ValueError("must be a finite amount")
     if amount < 0:
         raise ValueError("must not be negative")
+    amount = amount + 0  # "-0" is zero, and should read as "0.00"
     if amount > MAX_AMOUNT:
         raise ValueError(f"must not exceed {MAX_AMOUNT}")
     exponent = get_settings().currency_exponent

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Annotated, Generic, TypeVar
 
-from litestar.params import Parameter
+from litestar.params import Parameter, PathParameter
 from pydantic import BaseModel
 
 from loyalty.lib.errors import field_problem
@@ -36,6 +37,10 @@ def decode_cursor(cursor: str) -> str:
 
 def decode_int_cursor(cursor: str) -> int:
     position = decode_cursor(cursor)
-    if not position.lstrip("-").isdigit():
+    if not re.fullmatch(r"[0-9]{1,18}", position):
         raise field_problem("cursor", "is not a cursor this API returned")
     return int(position)
+
+
+# Ids in paths: positive and within a 64-bit column, so nothing out of range ever reaches the database.
+IdPath = Annotated[int, PathParameter(ge=1, le=2**63 - 1)]

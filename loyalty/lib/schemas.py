@@ -6,6 +6,7 @@ import hashlib
 import json
 from typing import Annotated
 
+from litestar.params import Parameter
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
 
@@ -22,4 +23,6 @@ class Schema(BaseModel):
 
 # A storefront's own identifier: printable text, no control characters (they break logs and CSV exports).
 ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# The same rule for ids in paths, where Litestar checks its own parameter constraints.
+ExternalIdPath = Annotated[str, Parameter(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Label = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]

@@ -7,15 +7,14 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody, Parameter
+from litestar.params import JSONBody, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.access import guards
 from loyalty.lib.errors import field_problem
 from loyalty.lib.money import parse_money
-from loyalty.lib.pagination import Cursor, Limit, Page
-from loyalty.lib.schemas import ExternalId
+from loyalty.lib.pagination import Cursor, IdPath, Limit, Page
 from loyalty.offers import redemptions, results, schemas, services
 
 
@@ -39,7 +38,7 @@ class OfferController(Controller):
         return await services.list_offers(session, limit, cursor)
 
     @get("/{offer_id:int}", operation_id="GetOffer")
-    async def get_offer(self, session: NamedDependency[AsyncSession], offer_id: FromPath[int]) -> schemas.Offer:
+    async def get_offer(self, session: NamedDependency[AsyncSession], offer_id: IdPath) -> schemas.Offer:
         """One offer."""
         return await services.get_offer(session, offer_id)
 
@@ -67,23 +66,17 @@ class CampaignController(Controller):
         return await services.list_campaigns(session, limit, cursor)
 
     @get("/{campaign_id:int}", operation_id="GetCampaign")
-    async def get_campaign(
-        self, session: NamedDependency[AsyncSession], campaign_id: FromPath[int]
-    ) -> schemas.Campaign:
+    async def get_campaign(self, session: NamedDependency[AsyncSession], campaign_id: IdPath) -> schemas.Campaign:
         """One campaign with its sends."""
         return await services.get_campaign(session, campaign_id)
 
     @post("/{campaign_id:int}/cancel", operation_id="CancelCampaign", status_code=HTTP_200_OK)
-    async def cancel_campaign(
-        self, session: NamedDependency[AsyncSession], campaign_id: FromPath[int]
-    ) -> schemas.Campaign:
+    async def cancel_campaign(self, session: NamedDependency[AsyncSession], campaign_id: IdPath) -> schemas.Campaign:
         """Stop future sends (codes already issued stay valid); a finished campaign is a 409."""
         return await services.cancel_campaign(session, campaign_id)
 
     @get("/{campaign_id:int}/results", operation_id="GetCampaignResults")
-    async def get_results(
-        self, session: NamedDependency[AsyncSession], campaign_id: FromPath[int]
-    ) -> schemas.CampaignResults:
+    async def get_results(self, session: NamedDependency[AsyncSession], campaign_id: IdPath) -> schemas.CampaignResults:
         """Redemptions and incremental revenue per customer against the holdout, with a 95% interval.
 
         Intent-to-treat difference of mean revenue per customer (net of refunds, orders in the campaign window);
@@ -105,8 +98,11 @@ class CodeController(Controller):
     async def check_code(
         self,
         session: NamedDependency[AsyncSession],
-        code: Annotated[str, Parameter(max_length=32)],
-        customer_id: Annotated[ExternalId | None, Parameter(description="The customer at checkout.")] = None,
+        code: Annotated[str, Parameter(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9-]+$")],
+        customer_id: Annotated[
+            str | None,
+            Parameter(max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$", description="The customer at checkout."),
+        ] = None,
         order_total: OrderTotalQuery = None,
     ) -> schemas.CodeCheck:
         """Check a code at checkout without redeeming it."""
@@ -127,6 +123,6 @@ class CodeController(Controller):
         return Response(redemption, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
 
     @delete("/redemptions/{redemption_id:int}", operation_id="VoidRedemption", status_code=HTTP_204_NO_CONTENT)
-    async def void_redemption(self, session: NamedDependency[AsyncSession], redemption_id: FromPath[int]) -> None:
+    async def void_redemption(self, session: NamedDependency[AsyncSession], redemption_id: IdPath) -> None:
         """Void a redemption (the order was cancelled): the use comes back."""
         await redemptions.void(session, redemption_id)

@@ -94,10 +94,11 @@ async def schedule_due_occurrences(session: AsyncSession, timezone: str, now: da
         if campaign.cron:
             # The latest occurrence not after now, so one late start sends once, not once per missed period.
             latest = occurrence
+            tick = timedelta(microseconds=1)
             try:
-                while (following := next_fire(campaign.cron, timezone, latest)) is not None and following <= now:
-                    latest = following
-                following = next_fire(campaign.cron, timezone, now)
+                while (later := next_fire(campaign.cron, timezone, latest + tick)) is not None and later <= now:
+                    latest = later
+                following = next_fire(campaign.cron, timezone, now + tick)
             except CronError:
                 following = None
             occurrence = latest

@@ -6,12 +6,12 @@ from typing import Any
 
 from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath, JSONBody
+from litestar.params import JSONBody
 from litestar.status_codes import HTTP_202_ACCEPTED
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.access import guards
-from loyalty.lib.pagination import Cursor, Limit, Page
+from loyalty.lib.pagination import Cursor, IdPath, Limit, Page
 from loyalty.recalc import schemas, services
 
 
@@ -42,6 +42,6 @@ class RecalculationController(Controller):
         return await services.list_runs(session, limit, cursor)
 
     @get("/{run_id:int}", operation_id="GetRecalculation")
-    async def get_recalculation(self, session: NamedDependency[AsyncSession], run_id: FromPath[int]) -> schemas.Run:
+    async def get_recalculation(self, session: NamedDependency[AsyncSession], run_id: IdPath) -> schemas.Run:
         """One run: trigger, status, phases, counts, move matrix, fitted model."""
         return await services.get_run(session, run_id)

@@ -204,41 +204,47 @@ async def _compute_and_write(
             ids = figures.customer_id[start:stop]
             async with timer.phase("rules"):
                 states = await _current_states(session, int(ids[0]), int(ids[-1]))
-                score_rows, tier_rows, history_rows = [], [], []
+                placements = []
                 for position in range(start, stop):
                     customer_id = int(figures.customer_id[position])
                     stored = states.get(customer_id)
                     if stored is not None and stored.updated_at > started_at:
                         continue  # re-scored in real time after this run began, from newer data than ours
-                    placement = place_customer(
-                        tiers,
-                        position,
-                        (figures, referrals, scores, cutoffs),
-                        interests.get(customer_id, []),
-                        stored,
-                        as_of=as_of,
-                        now=now,
-                        allow_downgrade=True,
-                        score_run_id=run_id,
-                        history_run_id=run_id,
+                    placements.append(
+                        place_customer(
+                            tiers,
+                            position,
+                            (figures, referrals, scores, cutoffs),
+                            interests.get(customer_id, []),
+                            stored,
+                            as_of=as_of,
+                            now=now,
+                            allow_downgrade=True,
+                            score_run_id=run_id,
+                            history_run_id=run_id,
+                        )
                     )
-                    moves[placement.previous_tier or "none"][placement.assignment.tier] += 1
-                    score_rows.append(placement.score)
-                    tier_rows.append(placement.tier)
-                    if placement.history is not None:
-                        history_rows.append(placement.history)
             if not dry_run:
                 async with timer.phase("write"):
-                    await bulk_upsert(session, CustomerScore, score_rows, ["customer_id"])
-                    await bulk_upsert(
-                        session,
-                        CustomerTier,
-                        tier_rows,
-                        ["customer_id"],
-                        where=CustomerTier.updated_at <= started_at,
+                    # A real-time re-score may commit between our read of the chunk and this write: the veto
+                    # keeps its newer tier, and only rows we did write get our scores and history.
+                    written = set(
+                        await bulk_upsert(
+                            session,
+                            CustomerTier,
+                            [placement.tier for placement in placements],
+                            ["customer_id"],
+                            where=CustomerTier.updated_at <= started_at,
+                            returning=CustomerTier.customer_id,
+                        )
                     )
+                    placements = [p for p in placements if p.tier["customer_id"] in written]
+                    await bulk_upsert(session, CustomerScore, [p.score for p in placements], ["customer_id"])
+                    history_rows = [p.history for p in placements if p.history is not None]
                     if history_rows:
                         await session.execute(insert(TierHistory), history_rows)
+            for placement in placements:
+                moves[placement.previous_tier or "none"][placement.assignment.tier] += 1
         if lease_lost.is_set():
             raise LeaseLostError("the run's lease was lost; another replica marked it failed")
         if not dry_run:

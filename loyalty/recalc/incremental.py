@@ -73,10 +73,11 @@ async def rescore(
     if not ids:
         return {}
     # Lock the customers (in id order, so two requests never wait on each other in a cycle): a concurrent
-    # order for the same customer then waits, and its figures include ours.
+    # order for the same customer then waits, and its figures include ours. NO KEY UPDATE, not UPDATE: the
+    # order just inserted holds KEY SHARE on its customer (the foreign key), which UPDATE would wait on.
     locked = select(Customer.id).where(Customer.id.in_(ids)).order_by(Customer.id)
     if is_postgres(session):
-        locked = locked.with_for_update()
+        locked = locked.with_for_update(key_share=True)
     await session.execute(locked)
 
     now = utcnow()

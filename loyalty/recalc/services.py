@@ -38,7 +38,7 @@ async def request_run(session: AsyncSession, as_of: datetime | None, dry_run: bo
     """Queue a manual run; 409 while another is queued or running."""
     run_id = await runs.enqueue_run(session, trigger="manual", as_of=as_of, dry_run=dry_run)
     if run_id is None:
-        active = await session.scalar(select(RecalcRun.id).where(RecalcRun.active_slot == 1))
+        active = await session.scalar(select(RecalcRun.id).where(RecalcRun.active_slot == 1).limit(1))
         raise ProblemError(
             RUN_IN_PROGRESS, f"Recalculation {active} is queued or running; try again when it has finished"
         )

@@ -95,8 +95,17 @@ class Timer:
         for job in cron_jobs:
             if cron is None:
                 raise CronError(f"job {job.name} needs a cron trigger")
+            # A busy event loop may start a cron job late; within the hour it still runs (its period key
+            # keeps a late start from running twice).
             self._scheduler.add_job(
-                _run_logged, cron, args=[job], id=job.name, name=job.name, max_instances=1, coalesce=True
+                _run_logged,
+                cron,
+                args=[job],
+                id=job.name,
+                name=job.name,
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=3600,
             )
 
     @property

@@ -35,7 +35,8 @@ IntArray = NDArray[np.int64]
 # The UTC day number (days since 1970-01-01) of a stored timestamp: SQLite keeps UTC text, PostgreSQL timestamptz.
 _DAY_NUMBER = {
     "postgresql": "CAST(floor(extract(epoch from {column}) / 86400) AS bigint)",
-    "sqlite": "CAST(julianday({column}) - 2440587.5 AS INTEGER)",
+    # The date part only: julianday() of the full text rounds to milliseconds and can tip 23:59:59.9995 over.
+    "sqlite": "CAST(julianday(substr({column}, 1, 10)) - 2440587.5 AS INTEGER)",
 }
 
 _FIGURES_SQL = """

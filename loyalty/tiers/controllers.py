@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.access import guards
 from loyalty.lib.errors import VALIDATION, FieldError, ProblemError
-from loyalty.lib.schemas import ExternalId
+from loyalty.lib.schemas import ExternalIdPath
 from loyalty.tiers import schemas, services
 from loyalty.tiers.config import TiersConfigError, parse_tiers
 
@@ -24,7 +24,7 @@ class CustomerTierController(Controller):
 
     @get("/tier", operation_id="GetTierBadge", tags=["storefront"], guards=[guards.storefront])
     async def get_badge(
-        self, request: Request[Any, Any, Any], session: NamedDependency[AsyncSession], customer_id: ExternalId
+        self, request: Request[Any, Any, Any], session: NamedDependency[AsyncSession], customer_id: ExternalIdPath
     ) -> schemas.TierBadge:
         """The tier badge: tier, benefits and progress to the next tier (one indexed read)."""
         return await services.badge(session, request.app.state.tiers, customer_id)
@@ -35,7 +35,7 @@ class CustomerTierController(Controller):
         request: Request[Any, Any, Any],
         session: NamedDependency[AsyncSession],
         data: JSONBody[schemas.TierPin],
-        customer_id: ExternalId,
+        customer_id: ExternalIdPath,
     ) -> schemas.TierBadge:
         """Pin a tier until a date, with a reason; it wins over the rules until it expires."""
         return await services.set_pin(session, request.app.state.tiers, customer_id, data)
@@ -47,7 +47,7 @@ class CustomerTierController(Controller):
         guards=[guards.marketing],
         status_code=HTTP_204_NO_CONTENT,
     )
-    async def unpin_tier(self, session: NamedDependency[AsyncSession], customer_id: ExternalId) -> None:
+    async def unpin_tier(self, session: NamedDependency[AsyncSession], customer_id: ExternalIdPath) -> None:
         """Remove a pin; the tier the rules give applies again at once."""
         await services.remove_pin(session, customer_id)
 

@@ -292,3 +292,31 @@ async def test_results_with_too_few_customers_say_so(client, keys, session_maker
     assert results["insufficient_data"] is True
     assert results["incremental_revenue"]["ci95"] is None
     assert results["issued"] + results["holdout"] == 5
+
+
+async def test_missed_occurrences_send_once_and_say_how_late(client, keys, session_maker) -> None:
+    marketing = keys.headers("marketing")
+    offer_id = await create_offer(client, marketing)
+    created = await client.post(
+        "/v1/campaigns",
+        json={"name": "weekly", "offer_id": offer_id, "tiers": ["vip"], "cron": "*/5 * * * *", "holdout_pct": 10},
+        headers=marketing,
+    )
+    campaign_id = created.json()["campaign_id"]
+    # No replica ran for an hour: twelve occurrences were missed.
+    later = datetime.now(UTC) + timedelta(hours=1)
+    async with transaction(session_maker) as session:
+        assert await schedule_due_occurrences(session, "UTC", now=later) == 1
+    async with transaction(session_maker) as session:
+        assert await schedule_due_occurrences(session, "UTC", now=later) == 0
+        send_id = await claim_send(session, 60, now=later)
+        assert send_id is not None
+        await dispatch_send(session, send_id, now=later)
+    campaign = (await client.get(f"/v1/campaigns/{campaign_id}", headers=marketing)).json()
+    assert len(campaign["sends"]) == 1
+    send = campaign["sends"][0]
+    occurrence = datetime.fromisoformat(send["occurrence_at"].replace("Z", "+00:00"))
+    assert later - timedelta(minutes=5) < occurrence <= later
+    assert send["late_seconds"] >= 0
+    assert campaign["status"] == "running"
+    assert datetime.fromisoformat(campaign["next_send_at"].replace("Z", "+00:00")) > later
