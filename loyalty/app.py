@@ -14,12 +14,13 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme, Tag
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.plugins.pydantic import PydanticPlugin
 from litestar.static_files import create_static_files_router
 from litestar.stores.memory import MemoryStore
 
 from loyalty import __version__
 from loyalty.activity.controllers import EventController, OrderController, ReferralController
-from loyalty.customers.controllers import CustomerController, ReportController
+from loyalty.customers.controllers import CustomerController, MeController, ReportController
 from loyalty.db.dependencies import provide_session
 from loyalty.db.session import create_engine, create_session_maker, read_only
 from loyalty.lib.errors import handle_exception, problems_reference
@@ -74,6 +75,8 @@ def _openapi_config() -> OpenAPIConfig:
                 name="marketing",
                 description="Reports, tier previews, offers, campaigns, recalculations (scope `marketing`).",
             ),
+            Tag(name="customer", description="A customer's own rewards (customer token from the storefront)."),
+            Tag(name="admin", description="Erasure and webhooks (scope `admin`)."),
             Tag(name="operations", description="Health, metrics and reference (no key)."),
         ],
         components=Components(
@@ -124,6 +127,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             PrometheusController,
             CustomerController,
             ReportController,
+            MeController,
             OrderController,
             EventController,
             ReferralController,
@@ -144,6 +148,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             prometheus.middleware,
             rate_limit_config(settings.rate_limit).middleware,
         ],
+        # Field aliases are the API's names (a history item's `from`, a Python keyword).
+        plugins=[PydanticPlugin(prefer_alias=True)],
         openapi_config=_openapi_config(),
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,

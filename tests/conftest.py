@@ -26,6 +26,7 @@ from loyalty.app import create_app
 from loyalty.db.base import Base
 from loyalty.db.migrate import upgrade_database
 from loyalty.db.session import create_engine, create_session_maker, transaction
+from loyalty.offers.dispatch import OfferJobs
 from loyalty.recalc.jobs import RecalcJobs
 from loyalty.settings import PROJECT_ROOT, Settings
 
@@ -203,5 +204,15 @@ def run_due(app: Litestar, session_maker: async_sessionmaker[AsyncSession]) -> A
         result = await jobs.run_due()
         state.model_cache.invalidate()
         return result
+
+    return run
+
+
+@pytest.fixture
+def dispatch_due(session_maker: async_sessionmaker[AsyncSession], settings: Settings) -> Any:
+    """Run `offers.dispatch_due` once on the test's own engine (the app's timer is off in most tests)."""
+
+    async def run() -> dict[str, Any]:
+        return await OfferJobs(session_maker, settings.timezone, settings.recalc_lease_seconds).dispatch_due()
 
     return run

@@ -11,9 +11,11 @@ from typing import Any
 
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
+from sqlalchemy import select
 
 from loyalty.access.services import KeyPrincipal, authenticate_key
 from loyalty.access.tokens import CustomerPrincipal, InvalidTokenError, verify_customer_token
+from loyalty.db.models import Customer
 from loyalty.lib.errors import FORBIDDEN, UNAUTHENTICATED, ProblemError
 
 Guard = Callable[[ASGIConnection[Any, Any, Any, Any], BaseRouteHandler], Coroutine[Any, Any, None]]
@@ -67,6 +69,13 @@ async def requires_customer(connection: ASGIConnection[Any, Any, Any, Any], _: B
         principal = verify_customer_token(token.strip(), connection.app.state.secret_key)
     except InvalidTokenError:
         raise _unauthenticated("The customer token is invalid or expired") from None
+    # The token names both ids; an erased customer lost the storefront id, so tokens minted before the erasure
+    # stop working at once (one read by primary key).
+    async with connection.app.state.read_session_maker() as session:
+        current = await session.scalar(select(Customer.external_id).where(Customer.id == principal.customer_id))
+        await session.rollback()
+    if current != principal.external_id:
+        raise _unauthenticated("The customer token is no longer valid")
     connection.scope[PRINCIPAL_KEY] = principal  # type: ignore[literal-required]
 
 

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from litestar import Controller, Request, Response, get, post, put
+from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.di import NamedDependency
 from litestar.params import JSONBody, Parameter
 from litestar.response import Stream
-from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.access import guards
-from loyalty.customers import reports, schemas, services
+from loyalty.customers import me, reports, schemas, services
 from loyalty.lib.pagination import Cursor, Limit, Page
 from loyalty.lib.schemas import ExternalIdPath
 from loyalty.recalc import incremental
@@ -92,6 +92,17 @@ class CustomerController(Controller):
         """Members with scores and raw figures, filtered by tier and value score, in customer order."""
         return await reports.list_customers(session, tier, min_value_score, limit, cursor)
 
+    @delete(
+        "/{customer_id:str}",
+        operation_id="EraseCustomer",
+        tags=["admin"],
+        guards=[guards.admin],
+        status_code=HTTP_204_NO_CONTENT,
+    )
+    async def erase_customer(self, session: NamedDependency[AsyncSession], customer_id: ExternalIdPath) -> None:
+        """Erase a customer's personal data; anonymised orders and aggregates are kept. Again: 404."""
+        await services.erase_customer(session, customer_id)
+
 
 class ReportController(Controller):
     path = "/v1"
@@ -113,3 +124,41 @@ class ReportController(Controller):
     async def list_segments(self, request: Request[Any, Any, Any]) -> schemas.SegmentList:
         """Per tier: customers, share, revenue share and score spreads (p10, p50, p90)."""
         return await reports.segments(request.app.state.read_session_maker, request.app.state.tiers)
+
+
+class MeController(Controller):
+    """A customer's own rewards, with a customer token (never an API key)."""
+
+    path = "/v1/me"
+    tags = ["customer"]
+    guards = [guards.requires_customer]
+
+    @get("/", operation_id="GetMe")
+    async def get_me(self, request: Request[Any, Any, Any], session: NamedDependency[AsyncSession]) -> schemas.Me:
+        """My tier, benefits, progress to the next tier and scores in words."""
+        principal = guards.customer_principal(request)
+        return schemas.Me.model_validate(await me.my_status(session, request.app.state.tiers, principal.customer_id))
+
+    @get("/offers", operation_id="GetMyOffers")
+    async def get_my_offers(
+        self, request: Request[Any, Any, Any], session: NamedDependency[AsyncSession]
+    ) -> schemas.MyOffers:
+        """My offer codes with status and expiry, newest first."""
+        principal = guards.customer_principal(request)
+        return schemas.MyOffers.model_validate({"items": await me.my_offers(session, principal.customer_id)})
+
+    @get("/history", operation_id="GetMyHistory")
+    async def get_my_history(
+        self, request: Request[Any, Any, Any], session: NamedDependency[AsyncSession]
+    ) -> schemas.MyHistory:
+        """My tier changes with their reasons, newest first."""
+        principal = guards.customer_principal(request)
+        return schemas.MyHistory.model_validate({"items": await me.my_history(session, principal.customer_id)})
+
+    @get("/export", operation_id="ExportMe")
+    async def export_me(
+        self, request: Request[Any, Any, Any], session: NamedDependency[AsyncSession]
+    ) -> dict[str, Any]:
+        """Everything held about me: profile, orders, refunds, events, referrals, scores, tiers, offers, redemptions."""
+        principal = guards.customer_principal(request)
+        return await me.my_export(session, request.app.state.tiers, principal.customer_id)

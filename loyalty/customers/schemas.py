@@ -9,6 +9,7 @@ from pydantic import Field, StringConstraints, field_validator
 
 from loyalty.lib.clock import EventTime
 from loyalty.lib.schemas import ExternalId, Schema
+from loyalty.tiers.schemas import HistoryItem
 
 AttributeValue = str | int | float | bool | None
 Email = Annotated[str, StringConstraints(max_length=320, pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+$")]
@@ -142,3 +143,34 @@ class Segment(Schema):
 class SegmentList(Schema):
     items: list[Segment]
     customers: int
+
+
+class Me(Schema):
+    """A customer's own rewards status."""
+
+    customer_id: str
+    tier: str
+    tier_name: str
+    since: datetime | None
+    benefits: list[str]
+    next_tier: str | None
+    progress: dict[str, Any]
+    scores_text: dict[str, str]
+    pinned_until: datetime | None
+
+
+class MyOffer(Schema):
+    code: str
+    offer: dict[str, Any]
+    status: str
+    issued_at: datetime
+    expires_at: datetime
+    uses_left: int
+
+
+class MyOffers(Schema):
+    items: list[MyOffer]
+
+
+class MyHistory(Schema):
+    items: list[HistoryItem]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -13,7 +13,7 @@ from loyalty.activity.schemas import ReferralCreate
 from loyalty.activity.services import Written, create_referral
 from loyalty.customers import schemas
 from loyalty.customers.lookup import ensure_customer_id, require_customer_id
-from loyalty.db.models import Customer, Referral
+from loyalty.db.models import Customer, OutboxEvent, Referral
 from loyalty.lib.clock import utcnow
 from loyalty.lib.errors import NOT_FOUND, ProblemError
 
@@ -71,3 +71,23 @@ async def mint_token(session: AsyncSession, external_id: str, secret: str, ttl_s
     customer_id = await require_customer_id(session, external_id)
     token, expires_at = mint_customer_token(customer_id, external_id, secret, ttl_seconds)
     return schemas.CustomerToken(token=token, expires_at=expires_at)
+
+
+async def erase_customer(session: AsyncSession, external_id: str) -> None:
+    """Erase a customer's personal data; orders and scores stay, anonymised, so aggregates and results hold.
+
+    The storefront id is unlinked (later activity under it starts a new customer), email and attributes are
+    removed, the customer is opted out, and the outbox events about them are deleted. Tokens minted before the
+    erasure stop working, because they name the storefront id.
+    """
+    customer_id = await session.scalar(select(Customer.id).where(Customer.external_id == external_id))
+    if customer_id is None:
+        raise ProblemError(NOT_FOUND, f"No customer with customer_id {external_id!r}")
+    await session.execute(
+        update(Customer)
+        .where(Customer.id == customer_id)
+        .values(
+            external_id=None, email=None, attributes={}, marketing_opt_out=True, erased_at=utcnow(), updated_at=utcnow()
+        )
+    )
+    await session.execute(delete(OutboxEvent).where(OutboxEvent.customer_id == customer_id))

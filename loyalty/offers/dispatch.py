@@ -57,8 +57,8 @@ ON CONFLICT (send_id, customer_id) DO NOTHING
 """
 
 _ISSUED_EVENTS_SQL = """
-INSERT INTO outbox_event (event_type, dedupe_key, occurred_at, payload, created_at)
-SELECT 'offer.issued', 'offer.issued:' || ic.code, ic.issued_at, {payload}, :now
+INSERT INTO outbox_event (event_type, customer_id, dedupe_key, occurred_at, payload, created_at)
+SELECT 'offer.issued', ic.customer_id, 'offer.issued:' || ic.code, ic.issued_at, {payload}, :now
 FROM issued_code ic JOIN customer c ON c.id = ic.customer_id
 WHERE ic.send_id = :send_id
 ON CONFLICT (dedupe_key) DO NOTHING

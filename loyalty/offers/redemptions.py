@@ -134,6 +134,7 @@ async def redeem(session: AsyncSession, data: schemas.RedemptionCreate) -> tuple
     session.add(
         OutboxEvent(
             event_type="offer.redeemed",
+            customer_id=issued.customer_id,
             dedupe_key=f"offer.redeemed:{redemption_id}",
             occurred_at=now,
             payload={

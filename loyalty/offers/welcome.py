@@ -68,8 +68,8 @@ async def issue_welcome_offers(
             ],
         )
         events = f"""
-            INSERT INTO outbox_event (event_type, dedupe_key, occurred_at, payload, created_at)
-            SELECT 'offer.issued', 'offer.issued:' || ic.code, ic.issued_at, {payload}, :now
+            INSERT INTO outbox_event (event_type, customer_id, dedupe_key, occurred_at, payload, created_at)
+            SELECT 'offer.issued', ic.customer_id, 'offer.issued:' || ic.code, ic.issued_at, {payload}, :now
             FROM issued_code ic
             JOIN tier_history h ON h.id = ic.welcome_entry_id
             JOIN customer c ON c.id = ic.customer_id

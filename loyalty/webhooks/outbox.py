@@ -57,8 +57,8 @@ async def announce_tier_changes(session: AsyncSession, selection: HistorySelecti
     )
     # Only our own SQL fragments are interpolated; every value is a bound parameter.
     sql = f"""
-        INSERT INTO outbox_event (event_type, dedupe_key, occurred_at, payload, created_at)
-        SELECT 'tier.changed', 'tier.changed:' || CAST(h.id AS VARCHAR(20)), h.at, {payload}, :now
+        INSERT INTO outbox_event (event_type, customer_id, dedupe_key, occurred_at, payload, created_at)
+        SELECT 'tier.changed', h.customer_id, 'tier.changed:' || CAST(h.id AS VARCHAR(20)), h.at, {payload}, :now
         FROM tier_history h JOIN customer c ON c.id = h.customer_id
         WHERE {selection.where()}
         ON CONFLICT (dedupe_key) DO NOTHING

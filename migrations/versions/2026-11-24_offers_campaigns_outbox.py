@@ -41,17 +41,20 @@ def upgrade() -> None:
     op.create_table(
         "outbox_event",
         sa.Column("event_type", sa.String(length=32), nullable=False),
+        sa.Column("customer_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
         sa.Column("dedupe_key", sa.String(length=128), nullable=False),
         sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("payload", sa.JSON(), nullable=False),
         sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(["customer_id"], ["customer.id"], name=op.f("fk_outbox_event_customer_id_customer")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_outbox_event")),
         sa.UniqueConstraint("dedupe_key", name=op.f("uq_outbox_event_dedupe_key")),
     )
     with op.batch_alter_table("outbox_event", schema=None) as batch_op:
         batch_op.create_index("ix_outbox_event_delivered_at_id", ["delivered_at", "id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_outbox_event_customer_id"), ["customer_id"], unique=False)
 
     op.create_table(
         "campaign",
@@ -187,6 +190,7 @@ def downgrade() -> None:
 
     op.drop_table("campaign")
     with op.batch_alter_table("outbox_event", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_outbox_event_customer_id"))
         batch_op.drop_index("ix_outbox_event_delivered_at_id")
 
     op.drop_table("outbox_event")

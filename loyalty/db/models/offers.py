@@ -135,6 +135,8 @@ class OutboxEvent(IdMixin, CreatedAtMixin, Base):
     __table_args__ = (Index("ix_outbox_event_delivered_at_id", "delivered_at", "id"),)
 
     event_type: Mapped[str] = mapped_column(String(32), nullable=False)
+    # Whom the event is about, so an erasure can remove what it says about them.
+    customer_id: Mapped[int | None] = mapped_column(BigIntPK, ForeignKey("customer.id"), index=True)
     # Makes every producer idempotent: a retried dispatch or run announces nothing twice.
     dedupe_key: Mapped[str] = mapped_column(String(128), unique=True, nullable=False)
     occurred_at: Mapped[datetime] = mapped_column(DateTimeUTC(), nullable=False)

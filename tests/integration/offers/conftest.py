@@ -7,17 +7,6 @@ from typing import Any
 import pytest
 
 from loyalty.demo.generator import load_demo
-from loyalty.offers.dispatch import OfferJobs
-
-
-@pytest.fixture
-def dispatch_due(session_maker: Any, settings: Any) -> Any:
-    """Run `offers.dispatch_due` once on the test's own engine (the app's timer is off in most tests)."""
-
-    async def run() -> dict[str, Any]:
-        return await OfferJobs(session_maker, settings.timezone, settings.recalc_lease_seconds).dispatch_due()
-
-    return run
 
 
 @pytest.fixture
