@@ -97,10 +97,11 @@ def create_app(settings: Settings | None = None) -> Litestar:
     recalc_cron = parse_cron(settings.recalc_cron, settings.timezone)
     engine = create_engine(settings)
     session_maker = create_session_maker(engine)
+    model_cache = ModelCache(ttl=settings.poll_seconds)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        recalc_jobs = RecalcJobs(session_maker, tiers, recalc_cron, settings.recalc_lease_seconds)
+        recalc_jobs = RecalcJobs(session_maker, tiers, recalc_cron, settings.recalc_lease_seconds, model_cache)
         offer_jobs = OfferJobs(session_maker, settings.timezone, settings.recalc_lease_seconds)
         timer = Timer(
             poll_seconds=settings.poll_seconds,
@@ -164,5 +165,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app.state.engine = engine
     app.state.session_maker = session_maker
     app.state.read_session_maker = read_only(session_maker)
-    app.state.model_cache = ModelCache(ttl=settings.poll_seconds)
+    app.state.model_cache = model_cache
     return app

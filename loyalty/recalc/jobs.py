@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from apscheduler.triggers.cron import CronTrigger
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from loyalty.db.models import CustomerTier
 from loyalty.db.session import transaction
 from loyalty.lib.clock import utcnow
-from loyalty.recalc import runs
+from loyalty.recalc import incremental, runs
 from loyalty.recalc.full import execute_run
 from loyalty.scheduling.timer import Job, current_fire_time
 from loyalty.tiers.config import TiersConfig
+
+EXPIRED_PINS_PER_POLL = 1000
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class RecalcJobs:
     tiers: TiersConfig
     cron: CronTrigger
     lease_seconds: float
+    model_cache: incremental.ModelCache = field(default_factory=incremental.ModelCache)
 
     async def schedule(self) -> dict[str, Any]:
         """Queue this cron period's run; the period key makes every replica but the first a no-op."""
@@ -41,8 +46,25 @@ class RecalcJobs:
             result.update(await execute_run(self.session_maker, run_id, self.tiers, self.lease_seconds))
         return result
 
+    async def expire_pins(self) -> dict[str, Any]:
+        """`tiers.expire_pins`: a pin that ran out gives way to the tier the rules give, without waiting for a run."""
+        async with transaction(self.session_maker) as session:
+            expired = list(
+                (
+                    await session.scalars(
+                        select(CustomerTier.customer_id)
+                        .where(CustomerTier.pinned_until <= utcnow())
+                        .order_by(CustomerTier.customer_id)
+                        .limit(EXPIRED_PINS_PER_POLL)
+                    )
+                ).all()
+            )
+            if expired:
+                await incremental.rescore(session, expired, self.tiers, self.model_cache)
+        return {"pins_expired": len(expired)} if expired else {}
+
     def poll_jobs(self) -> list[Job]:
-        return [Job("recalc.run_due", self.run_due)]
+        return [Job("recalc.run_due", self.run_due), Job("tiers.expire_pins", self.expire_pins)]
 
     def cron_jobs(self) -> list[Job]:
         return [Job("recalc.schedule", self.schedule)]

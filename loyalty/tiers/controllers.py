@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from loyalty.access import guards
 from loyalty.lib.errors import VALIDATION, FieldError, ProblemError
 from loyalty.lib.schemas import ExternalIdPath
+from loyalty.recalc import incremental
 from loyalty.tiers import schemas, services
 from loyalty.tiers.config import TiersConfigError, parse_tiers
 
@@ -47,9 +48,14 @@ class CustomerTierController(Controller):
         guards=[guards.marketing],
         status_code=HTTP_204_NO_CONTENT,
     )
-    async def unpin_tier(self, session: NamedDependency[AsyncSession], customer_id: ExternalIdPath) -> None:
+    async def unpin_tier(
+        self, request: Request[Any, Any, Any], session: NamedDependency[AsyncSession], customer_id: ExternalIdPath
+    ) -> None:
         """Remove a pin; the tier the rules give applies again at once."""
-        await services.remove_pin(session, customer_id)
+        internal_id = await services.remove_pin(session, customer_id)
+        # Re-score now: a customer pinned before their first score has no rule decision stored yet.
+        state = request.app.state
+        await incremental.rescore(session, [internal_id], state.tiers, state.model_cache)
 
 
 class TierController(Controller):

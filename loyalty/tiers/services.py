@@ -158,8 +158,8 @@ async def set_pin(
     return await badge(session, tiers, external_id)
 
 
-async def remove_pin(session: AsyncSession, external_id: str) -> None:
-    """Remove a pin; the customer goes back to the tier the rules give them, at once."""
+async def remove_pin(session: AsyncSession, external_id: str) -> int:
+    """Remove a pin; the customer goes back to the tier the rules gave them, at once. Answers the internal id."""
     customer_id = await _customer_id(session, external_id)
     row = (
         await session.execute(
@@ -197,6 +197,7 @@ async def remove_pin(session: AsyncSession, external_id: str) -> None:
         )
         await session.flush()
         await announce_tier_changes(session, HistorySelection(customer_ids=[customer_id], at=now), now)
+    return customer_id
 
 
 async def history(session: AsyncSession, customer_id: int, limit: int = 500) -> list[schemas.HistoryItem]:

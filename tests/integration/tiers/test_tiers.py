@@ -184,3 +184,24 @@ async def test_member_list_export_and_segments(client, keys, run_due) -> None:
     assert abs(sum(item["share"] for item in segments["items"]) - 1) < 0.01
     assert abs(sum(item["revenue_share"] for item in segments["items"]) - 1) < 0.01
     assert by_tier["vip"]["scores"]["value"]["p50"] >= by_tier["one_time"]["scores"]["value"]["p50"]
+
+
+async def test_expired_pin_gives_way_on_the_next_poll(app, client, keys, session_maker) -> None:
+    import asyncio
+
+    from loyalty.recalc.jobs import RecalcJobs
+
+    storefront, marketing = keys.headers("storefront"), keys.headers("marketing")
+    await client.post("/v1/orders", json=order("o-1", "c-1", 3, "30.00"), headers=storefront)
+    until = (datetime.now(UTC) + timedelta(seconds=1)).isoformat()
+    pinned = await client.put(
+        "/v1/customers/c-1/tier-pin", json={"tier": "vip", "until": until, "reason": "launch week"}, headers=marketing
+    )
+    assert pinned.json()["tier"] == "vip"
+    await asyncio.sleep(1.2)
+    jobs = RecalcJobs(session_maker, app.state.tiers, None, 60)  # type: ignore[arg-type]
+    assert await jobs.expire_pins() == {"pins_expired": 1}
+    badge = (await client.get("/v1/customers/c-1/tier", headers=storefront)).json()
+    assert badge["tier"] == "one_time"
+    assert badge["pinned_until"] is None
+    assert await jobs.expire_pins() == {}
