@@ -5,10 +5,13 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Annotated, Generic, TypeVar
+from collections.abc import Callable
+from typing import Annotated, Any, Generic, TypeVar
 
 from litestar.params import Parameter, PathParameter
 from pydantic import BaseModel
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.lib.errors import field_problem
 
@@ -44,3 +47,15 @@ def decode_int_cursor(cursor: str) -> int:
 
 # Ids in paths: positive and within a 64-bit column, so nothing out of range ever reaches the database.
 IdPath = Annotated[int, PathParameter(ge=1, le=2**63 - 1)]
+
+
+async def newest_first(
+    session: AsyncSession, model: Any, limit: int, cursor: str | None, view: Callable[[Any], T]
+) -> Page[T]:
+    """A page of ``model`` rows by descending id, each turned into its API shape by ``view``."""
+    statement = select(model).order_by(model.id.desc()).limit(limit + 1)
+    if cursor:
+        statement = statement.where(model.id < decode_int_cursor(cursor))
+    found = list((await session.scalars(statement)).all())
+    next_cursor = encode_cursor(str(found[limit - 1].id)) if len(found) > limit else None
+    return Page(items=[view(row) for row in found[:limit]], next_cursor=next_cursor)

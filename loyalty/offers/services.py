@@ -11,7 +11,7 @@ from loyalty.db.dialect import insert_ignoring_conflicts
 from loyalty.db.models import Campaign, CampaignMember, CampaignSend, Offer
 from loyalty.lib.clock import utcnow
 from loyalty.lib.errors import CAMPAIGN_FINISHED, NOT_FOUND, OFFER_NAME_TAKEN, ProblemError, field_problem
-from loyalty.lib.pagination import Page, decode_int_cursor, encode_cursor
+from loyalty.lib.pagination import Page, decode_int_cursor, encode_cursor, newest_first
 from loyalty.offers import schemas
 from loyalty.scheduling.timer import CronError, parse_cron
 
@@ -59,12 +59,7 @@ async def get_offer(session: AsyncSession, offer_id: int) -> schemas.Offer:
 
 
 async def list_offers(session: AsyncSession, limit: int, cursor: str | None) -> Page[schemas.Offer]:
-    statement = select(Offer).order_by(Offer.id.desc()).limit(limit + 1)
-    if cursor:
-        statement = statement.where(Offer.id < decode_int_cursor(cursor))
-    found = list((await session.scalars(statement)).all())
-    next_cursor = encode_cursor(str(found[limit - 1].id)) if len(found) > limit else None
-    return Page(items=[offer_view(offer) for offer in found[:limit]], next_cursor=next_cursor)
+    return await newest_first(session, Offer, limit, cursor, offer_view)
 
 
 def next_fire(cron: str, timezone: str, after: datetime) -> datetime | None:

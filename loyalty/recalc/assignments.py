@@ -60,22 +60,6 @@ class ValueTranslator:
         return phrase_missing(missing)
 
 
-FIGURE_NAMES = (
-    "occasions",
-    "orders_in_window",
-    "net_spend",
-    "average_order_value",
-    "days_since_last",
-    "predicted_value",
-    "expected_purchases",
-    "p_alive",
-    "converted_referrals",
-    "referred_revenue",
-    "reviews",
-    "shares",
-)
-
-
 def facts_at(
     position: int, figures: Figures, referrals: ReferralFigures, scores: Scores
 ) -> tuple[CustomerFacts, dict[str, float]]:

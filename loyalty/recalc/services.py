@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.db.models import RecalcRun
 from loyalty.lib.errors import NOT_FOUND, RUN_IN_PROGRESS, ProblemError
-from loyalty.lib.pagination import Page, decode_int_cursor, encode_cursor
+from loyalty.lib.pagination import Page, newest_first
 from loyalty.recalc import runs, schemas
 
 
@@ -54,9 +54,4 @@ async def get_run(session: AsyncSession, run_id: int) -> schemas.Run:
 
 async def list_runs(session: AsyncSession, limit: int, cursor: str | None) -> Page[schemas.Run]:
     """Newest first."""
-    statement = select(RecalcRun).order_by(RecalcRun.id.desc()).limit(limit + 1)
-    if cursor:
-        statement = statement.where(RecalcRun.id < decode_int_cursor(cursor))
-    found = list((await session.scalars(statement)).all())
-    next_cursor = encode_cursor(str(found[limit - 1].id)) if len(found) > limit else None
-    return Page(items=[run_view(run) for run in found[:limit]], next_cursor=next_cursor)
+    return await newest_first(session, RecalcRun, limit, cursor, run_view)

@@ -15,10 +15,10 @@ from loyalty.db.session import read_only
 from loyalty.lib.clock import utcnow
 from loyalty.lib.errors import NOT_FOUND, ProblemError, field_problem
 from loyalty.offers.welcome import issue_welcome_offers
-from loyalty.recalc.assignments import FIGURE_NAMES, decide, facts_at
+from loyalty.recalc.assignments import decide, facts_at
 from loyalty.recalc.full import PhaseTimer, compute_population
 from loyalty.tiers import schemas
-from loyalty.tiers.config import TiersConfig
+from loyalty.tiers.config import FIGURES, TiersConfig
 from loyalty.tiers.rules import CustomerFacts, decide_tier, describe_rule
 from loyalty.webhooks.outbox import HistorySelection, announce_tier_changes
 
@@ -267,7 +267,7 @@ async def preview(
 
 def _stored_facts(score: CustomerScore) -> CustomerFacts:
     figures: dict[str, float] = {}
-    for name in FIGURE_NAMES:
+    for name in FIGURES:
         value = getattr(score, name, None)
         if value is not None:
             figures[name] = float(value)
