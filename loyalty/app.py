@@ -36,6 +36,8 @@ from loyalty.scheduling.timer import Timer, parse_cron
 from loyalty.settings import Settings, get_settings
 from loyalty.tiers.config import load_tiers
 from loyalty.tiers.controllers import CustomerTierController, TierController
+from loyalty.webhooks.controllers import WebhookController
+from loyalty.webhooks.jobs import WebhookJobs
 
 logger = logging.getLogger("loyalty.app")
 STATIC_DIR = Path(__file__).parent / "ops" / "static"
@@ -103,9 +105,10 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         recalc_jobs = RecalcJobs(session_maker, tiers, recalc_cron, settings.recalc_lease_seconds, model_cache)
         offer_jobs = OfferJobs(session_maker, settings.timezone, settings.recalc_lease_seconds)
+        webhook_jobs = WebhookJobs(session_maker)
         timer = Timer(
             poll_seconds=settings.poll_seconds,
-            poll_jobs=recalc_jobs.poll_jobs() + offer_jobs.poll_jobs(),
+            poll_jobs=recalc_jobs.poll_jobs() + offer_jobs.poll_jobs() + webhook_jobs.poll_jobs(),
             cron=recalc_cron,
             cron_jobs=recalc_jobs.cron_jobs(),
             timezone=settings.timezone,
@@ -138,6 +141,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             OfferController,
             CampaignController,
             CodeController,
+            WebhookController,
             create_static_files_router(
                 path="/schema-assets", directories=[STATIC_DIR], include_in_schema=False, name="schema-assets"
             ),

@@ -13,6 +13,7 @@ from loyalty.db.models.offers import (
     Redemption,
 )
 from loyalty.db.models.scoring import CustomerScore, CustomerTier, RecalcRun, TierHistory
+from loyalty.db.models.webhooks import WebhookDelivery, WebhookEndpoint
 
 __all__ = [
     "ApiKey",
@@ -33,4 +34,6 @@ __all__ = [
     "Referral",
     "Refund",
     "TierHistory",
+    "WebhookDelivery",
+    "WebhookEndpoint",
 ]
