@@ -188,7 +188,7 @@ async def create_refund(
     if data.refunded_at < order.placed_at:
         raise field_problem("refunded_at", "must not be before the order was placed")
     # The order is part of the content: the same refund id against another order is a conflict.
-    content_hash = _hash_with(data, order_external_id)
+    content_hash = content_hash_with(data, order_external_id)
     now = utcnow()
     statement = insert_ignoring_conflicts(session, Refund, ["external_id"]).returning(Refund.id)
     refund_id = await session.scalar(
@@ -242,7 +242,8 @@ async def create_refund(
     return Written(view, created=True, customer_ids=(order.customer_id,))
 
 
-def _hash_with(data: Schema, *context: str) -> str:
+def content_hash_with(data: Schema, *context: str) -> str:
+    """The stored content hash of a write whose identity also depends on context (a refund's order)."""
     return hashlib.sha256((data.content_hash() + "|" + "|".join(context)).encode()).hexdigest()
 
 
