@@ -28,6 +28,7 @@ from loyalty.lib.logging import configure_logging
 from loyalty.lib.middleware import RequestContextMiddleware, rate_limit_config
 from loyalty.offers.controllers import CampaignController, CodeController, OfferController
 from loyalty.offers.dispatch import OfferJobs
+from loyalty.ops import metrics
 from loyalty.ops.controllers import HealthController, ProblemController
 from loyalty.recalc.controllers import RecalculationController
 from loyalty.recalc.incremental import ModelCache
@@ -100,6 +101,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     engine = create_engine(settings)
     session_maker = create_session_maker(engine)
     model_cache = ModelCache(ttl=settings.poll_seconds)
+    metrics.POOLS.track(engine)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -121,6 +123,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             timer.shutdown()
+            metrics.POOLS.forget(engine)
             await engine.dispose()
 
     prometheus = PrometheusConfig(app_name="loyalty", prefix="loyalty", group_path=True, exclude=["^/metrics"])

@@ -21,6 +21,7 @@ from loyalty.db.session import transaction
 from loyalty.db.types import DateTimeUTC
 from loyalty.lib.clock import utcnow
 from loyalty.offers.services import next_fire
+from loyalty.ops import metrics
 from loyalty.recalc.runs import WORKER_ID
 from loyalty.scheduling.timer import CronError, Job
 
@@ -153,6 +154,8 @@ class SendResult:
     send_id: int
     issued: int
     holdout: int
+    status: str = "done"
+    late_seconds: float | None = None
 
 
 async def dispatch_send(session: AsyncSession, send_id: int, now: datetime | None = None) -> SendResult:
@@ -168,7 +171,7 @@ async def dispatch_send(session: AsyncSession, send_id: int, now: datetime | Non
         await session.execute(
             update(CampaignSend).where(CampaignSend.id == send_id).values(status="cancelled", finished_at=now)
         )
-        return SendResult(send_id, 0, 0)
+        return SendResult(send_id, 0, 0, status="cancelled")
     filters = campaign.filters or {}
     true, false = ("TRUE", "FALSE") if is_postgres(session) else ("1", "0")
     members = text(_MEMBERS_SQL.format(modulus=HASH_MODULUS, true=true, false=false)).bindparams(
@@ -216,6 +219,7 @@ async def dispatch_send(session: AsyncSession, send_id: int, now: datetime | Non
     )
     issued, holdout = int(counts.get(False, 0)), int(counts.get(True, 0))
     started = send.started_at or now
+    late_seconds = max(0.0, (started - send.occurrence_at).total_seconds())
     await session.execute(
         update(CampaignSend)
         .where(CampaignSend.id == send_id)
@@ -224,7 +228,7 @@ async def dispatch_send(session: AsyncSession, send_id: int, now: datetime | Non
             finished_at=now,
             issued=issued,
             holdout=holdout,
-            late_seconds=max(0.0, (started - send.occurrence_at).total_seconds()),
+            late_seconds=late_seconds,
             lease_until=None,
         )
     )
@@ -234,7 +238,7 @@ async def dispatch_send(session: AsyncSession, send_id: int, now: datetime | Non
         .where(Campaign.id == campaign.id, Campaign.status.in_(("scheduled", "running")))
         .values(status="completed" if finished else "running", completed_at=now if finished else None)
     )
-    return SendResult(send_id, issued, holdout)
+    return SendResult(send_id, issued, holdout, late_seconds=late_seconds)
 
 
 async def expire_codes(session: AsyncSession, now: datetime | None = None) -> int:
@@ -265,10 +269,14 @@ class OfferJobs:
                 break
             try:
                 async with transaction(self.session_maker) as session:
-                    results.append(await dispatch_send(session, send_id))
+                    result = await dispatch_send(session, send_id)
             except Exception:
                 logger.exception("campaign send failed; it will be retried", extra={"send_id": send_id})
+                metrics.record_send("failed")
                 break
+            # Counted once committed: a send rolled back issued nothing, and its retry will count.
+            metrics.record_send(result.status, result.issued, result.holdout, result.late_seconds)
+            results.append(result)
         summary: dict[str, Any] = {}
         if scheduled:
             summary["scheduled"] = scheduled

@@ -25,6 +25,7 @@ from loyalty.db.models import CustomerScore, CustomerTier, RecalcRun, TierHistor
 from loyalty.db.session import read_only, transaction
 from loyalty.lib.clock import utcnow
 from loyalty.offers.welcome import issue_welcome_offers
+from loyalty.ops import metrics
 from loyalty.recalc import runs
 from loyalty.recalc.assignments import place_customer
 from loyalty.scoring.config import ScoringConfig
@@ -155,12 +156,13 @@ async def execute_run(
 ) -> dict[str, Any]:
     """Carry out a claimed run to success or failure; returns the run's summary counts."""
     timer = PhaseTimer()
+    began = time.perf_counter()
     async with session_maker() as session:
         run = await session.get(RecalcRun, run_id)
         assert run is not None
         started_at = run.started_at or utcnow()
         as_of = run.as_of or started_at
-        dry_run = run.dry_run
+        dry_run, trigger = run.dry_run, run.trigger
     try:
         async with keep_lease(session_maker, run_id, lease_seconds) as lease_lost:
             summary = await _compute_and_write(
@@ -170,8 +172,10 @@ async def execute_run(
         logger.exception("recalculation failed", extra={"run_id": run_id})
         async with transaction(session_maker) as session:
             await runs.fail_run(session, run_id, f"{type(error).__name__}: {error}", timer.phases)
+        metrics.record_run(trigger, "failed", time.perf_counter() - began, timer.phases, None)
         return {"run_id": run_id, "status": "failed"}
     logger.info("recalculation succeeded", extra={"run_id": run_id, **timer.phases})
+    metrics.record_run(trigger, "succeeded", time.perf_counter() - began, timer.phases, summary.get("customers"))
     return summary
 
 
@@ -194,6 +198,7 @@ async def _compute_and_write(
     )
     interests = population.interests
     model = population.model
+    metrics.record_fallback(model.get("fallback"))
     moves: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     now = as_of if as_of < started_at else utcnow()
     async with transaction(session_maker) as session:

@@ -17,6 +17,7 @@ from loyalty.db.dialect import bulk_upsert, is_postgres
 from loyalty.db.models import Customer, CustomerScore, CustomerTier, RecalcRun, Referral, TierHistory
 from loyalty.lib.clock import utcnow
 from loyalty.offers.welcome import issue_welcome_offers
+from loyalty.ops import metrics
 from loyalty.recalc.assignments import place_customer
 from loyalty.scoring.figures import load_figures, load_interests, load_referral_edges, referral_figures
 from loyalty.scoring.scores import ScoringModel, rank_on_cutoffs, score_inputs
@@ -72,6 +73,7 @@ async def rescore(
     ids = sorted(set(customer_ids))
     if not ids:
         return {}
+    began = time.perf_counter()
     # Lock the customers (in id order, so two requests never wait on each other in a cycle): a concurrent
     # order for the same customer then waits, and its figures include ours. NO KEY UPDATE, not UPDATE: the
     # order just inserted holds KEY SHARE on its customer (the foreign key), which UPDATE would wait on.
@@ -142,6 +144,7 @@ async def rescore(
         selection = HistorySelection(customer_ids=[row["customer_id"] for row in history_rows], at=now)
         await announce_tier_changes(session, selection, now)
         await issue_welcome_offers(session, tiers, selection, now)
+    metrics.record_rescore(len(ids), time.perf_counter() - began)
     return tiers_now
 
 

@@ -27,6 +27,7 @@ from loyalty.db.dialect import insert_ignoring_conflicts, is_postgres
 from loyalty.db.models import OutboxEvent, WebhookDelivery, WebhookEndpoint
 from loyalty.db.types import DateTimeUTC
 from loyalty.lib.clock import utcnow
+from loyalty.ops import metrics
 from loyalty.webhooks.signing import delivery_body, event_id, signature_header
 
 logger = logging.getLogger("loyalty.webhooks")
@@ -221,6 +222,7 @@ async def send(client: httpx.AsyncClient, attempt: Attempt, timeout_seconds: flo
     }
     status_code: int | None = None
     error: str | None = None
+    began = time.perf_counter()
     try:
         # httpx's timeouts bound each phase; this bounds their sum, so a receiver trickling bytes cannot hold on.
         async with asyncio.timeout(timeout_seconds):
@@ -235,6 +237,7 @@ async def send(client: httpx.AsyncClient, attempt: Attempt, timeout_seconds: flo
         # One malformed exchange must not lose the outcomes of the rest of the batch.
         logger.exception("unexpected webhook send error", extra={"delivery_id": attempt.delivery_id})
         error = _error_text(failure)
+    metrics.record_webhook_duration(time.perf_counter() - began)
     if status_code is not None and not 200 <= status_code < 300:
         error = f"HTTP {status_code}: redirects are not followed" if 300 <= status_code < 400 else f"HTTP {status_code}"
     return Outcome(

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.db.session import transaction
 from loyalty.lib.clock import utcnow
+from loyalty.ops import metrics
 from loyalty.recalc.runs import WORKER_ID
 from loyalty.scheduling.timer import Job
 from loyalty.webhooks.delivery import claim_deliveries, fan_out, new_client, record_outcomes, send
@@ -77,6 +78,7 @@ class WebhookJobs:
                     recorded = await record_outcomes(session, worker, outcomes, self.max_attempts)
                 for status, number in recorded.items():
                     counts[status] = counts.get(status, 0) + number
+                    metrics.record_webhook_attempts(status, number)
         finally:
             if client is not None:
                 await client.aclose()
