@@ -21,6 +21,7 @@ from litestar.stores.memory import MemoryStore
 from loyalty import __version__
 from loyalty.activity.controllers import EventController, OrderController, ReferralController
 from loyalty.customers.controllers import CustomerController, MeController, ReportController
+from loyalty.dashboard.controllers import DashboardController, static_router, template_config
 from loyalty.db.dependencies import provide_session
 from loyalty.db.session import create_engine, create_session_maker, read_only
 from loyalty.lib.errors import handle_exception, problems_reference
@@ -145,6 +146,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             CampaignController,
             CodeController,
             WebhookController,
+            DashboardController,
+            static_router,
             create_static_files_router(
                 path="/schema-assets", directories=[STATIC_DIR], include_in_schema=False, name="schema-assets"
             ),
@@ -159,6 +162,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         # Field aliases are the API's names (a history item's `from`, a Python keyword).
         plugins=[PydanticPlugin(prefer_alias=True)],
         openapi_config=_openapi_config(),
+        template_config=template_config(),
         lifespan=[lifespan],
         request_max_body_size=settings.max_body_bytes,
         stores={"rate_limit": MemoryStore()},
