@@ -295,3 +295,48 @@ async def test_cli_import_orders(settings, engine, session_maker, tmp_path, monk
     finally:
         get_settings.cache_clear()
     assert await count(session_maker, Order) == 3
+
+
+def _generic_lines(orders: int) -> Iterator[str]:
+    """A generated generic export: every order with two items, one bad order in every thousand."""
+    yield "order_id,customer_id,placed_at,total,currency,sku,category,quantity,unit_price\n"
+    for n in range(orders):
+        total = "-1.00" if n % 1000 == 999 else f"{20 + n % 80}.00"
+        placed = f"2025-{1 + n % 12:02d}-{1 + n % 28:02d}T10:{n % 60:02d}:00Z"
+        for sku in ("A", "B"):
+            yield f"g-{n},gc-{n % 20000},{placed},{total},USD,{sku}-{n % 50},cat,1,10.00\n"
+
+
+def _shop_lines(orders: int) -> Iterator[str]:
+    """A generated shop export: two line items per order, some partly refunded, some pending (skipped)."""
+    yield SHOP_HEADER
+    blank = ",,,,,,,,,,,,,,"
+    for n in range(orders):
+        status = "pending" if n % 500 == 0 else ("partially_refunded" if n % 10 == 0 else "paid")
+        refunded = "5.00" if status == "partially_refunded" else "0.00"
+        paid = "" if status == "pending" else f"2025-03-{1 + n % 28:02d} 10:00:00 +0000"
+        yield (
+            f"#{n},s{n % 20000}@example.com,{status},{paid},,,no,USD,60.00,5.00,4.80,69.80,,0.00,Standard,"
+            f"2025-03-{1 + n % 28:02d} 09:59:00 +0000,1,Shirt,30.00,,TOP-{n % 40},true,true,,Name,{refunded},,"
+            f"Card,{n}\n"
+        )
+        yield f"#{n},s{n % 20000}@example.com{blank},1,Belt,30.00,,ACC-{n % 40},true,true,,,,,,\n"
+
+
+@pytest.mark.slow
+async def test_a_hundred_thousand_orders_in_each_format(engine, session_maker) -> None:
+    rejects = io.StringIO()
+    generic = await import_orders(engine, _generic_lines(100_000), rejects=rejects)
+    assert generic.imported == 99_900
+    assert generic.rejected == 100
+    assert len(rejected_rows(rejects)) == 200  # both rows of each bad order, with the reason
+    again = await import_orders(engine, _generic_lines(100_000), rejects=io.StringIO())
+    assert (again.imported, again.duplicates) == (0, 99_900)
+
+    shop = await import_orders(engine, _shop_lines(100_000), file_format="shop-export", rejects=io.StringIO())
+    assert shop.imported == 99_800
+    assert shop.skipped == 200
+    assert shop.refunds == 100_000 // 10 - 100_000 // 500  # every tenth order, less the pending ones (every 500th)
+    shop_again = await import_orders(engine, _shop_lines(100_000), file_format="shop-export")
+    assert shop_again.imported == 0
+    assert await count(session_maker, Order) == 99_900 + 99_800
