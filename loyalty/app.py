@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 from litestar import Litestar
 from litestar.config.app import AppConfig
@@ -15,7 +14,6 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme, Tag
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 from litestar.plugins.pydantic import PydanticPlugin
-from litestar.static_files import create_static_files_router
 from litestar.stores.memory import MemoryStore
 
 from loyalty import __version__
@@ -30,6 +28,7 @@ from loyalty.lib.middleware import RequestContextMiddleware, rate_limit_config
 from loyalty.offers.controllers import CampaignController, CodeController, OfferController
 from loyalty.offers.dispatch import OfferJobs
 from loyalty.ops import metrics
+from loyalty.ops.assets import SchemaAssetsController
 from loyalty.ops.controllers import HealthController, ProblemController
 from loyalty.recalc.controllers import RecalculationController
 from loyalty.recalc.incremental import ModelCache
@@ -42,7 +41,6 @@ from loyalty.webhooks.controllers import WebhookController
 from loyalty.webhooks.jobs import WebhookJobs
 
 logger = logging.getLogger("loyalty.app")
-STATIC_DIR = Path(__file__).parent / "ops" / "static"
 
 DESCRIPTION = f"""
 Loyalty scores customers (value with expected future spending, purchase frequency, influence), places them in
@@ -148,9 +146,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             WebhookController,
             DashboardController,
             static_router,
-            create_static_files_router(
-                path="/schema-assets", directories=[STATIC_DIR], include_in_schema=False, name="schema-assets"
-            ),
+            SchemaAssetsController,
         ],
         dependencies={"session": Provide(provide_session)},
         exception_handlers={Exception: handle_exception},

@@ -64,7 +64,15 @@ async def test_metrics_and_schema(client, storefront) -> None:
     ui = await client.get("/schema")
     assert ui.status_code == 200
     assert "/schema-assets/swagger-ui/swagger-ui-bundle.js" in ui.text
-    assert (await client.get("/schema-assets/swagger-ui/swagger-ui-bundle.js")).status_code == 200
+    bundle = await client.get("/schema-assets/swagger-ui/swagger-ui-bundle.js")
+    assert bundle.status_code == 200
+    assert bundle.headers["content-encoding"] == "gzip"
+    assert bundle.headers["content-type"].startswith("text/javascript")
+    assert "SwaggerUIBundle" in bundle.text
+    css = await client.get("/schema-assets/swagger-ui/swagger-ui.css")
+    assert css.headers["content-type"].startswith("text/css")
+    for missing in ("nothing.js", "LICENSE", "..%2Fassets.py"):
+        assert (await client.get(f"/schema-assets/swagger-ui/{missing}")).status_code == 404
 
 
 async def test_request_id_is_echoed_or_made(client) -> None:
