@@ -16,17 +16,18 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeAlias
 
 import numpy as np
 from numpy.typing import NDArray
-from sqlalchemy import Table, column, func, select, table, text
+from sqlalchemy import Table, func, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from loyalty.db.base import Base
 from loyalty.db.models import Customer, InteractionEvent, Order, OrderItem, Referral, Refund
 from loyalty.db.models.activity import EVENT_TYPES
+from loyalty.db.staging import EPOCH, stored_instants, write_rows
 from loyalty.lib.clock import utcnow
 from loyalty.lib.money import STORAGE_SCALE
 from loyalty.settings import get_settings
@@ -49,9 +50,7 @@ TABLES = (CUSTOMER, ORDER, ORDER_ITEM, REFUND, EVENT, REFERRAL)
 
 FIRST_CUSTOMER_ID = "demo-000001"
 CUSTOMERS_PER_CHUNK = 20_000
-ROWS_PER_STATEMENT = 50_000
 
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MICROS_PER_DAY = 86_400_000_000
 HOUR = 1 / 24
 MINUTE = 1 / 1440
@@ -236,11 +235,11 @@ async def load_demo(
             # One generator per chunk, so a chunk's data depends only on the seed and its position.
             rng = np.random.default_rng([seed, number])
             for rows in _generate_chunk(rng, population, chunk, cursors, money, encoding):
-                await _write(connection, postgres, rows)
+                await _write(connection, rows)
             if progress:
                 progress(STAGE_CUSTOMERS, chunk.stop, customers)
         referrals = _referrals(np.random.default_rng([seed, 0, 1]), population, first_customer_id, cursors, encoding)
-        await _write(connection, postgres, referrals)
+        await _write(connection, referrals)
         if progress:
             progress(STAGE_REFERRALS, len(referrals.values), len(referrals.values))
         if postgres:
@@ -311,40 +310,14 @@ class _Encoding:
 
     def timestamps(self, micros: Ints) -> list[Any]:
         """Instants (microseconds since the epoch) as a DateTimeUTC column stores them."""
-        moments = micros.astype("datetime64[us]")
-        if self.postgres:
-            # asyncpg reads a naive datetime as local time, so each one must carry UTC.
-            return [moment.replace(tzinfo=UTC) for moment in moments.tolist()]
-        # SQLAlchemy keeps SQLite datetimes as 'YYYY-MM-DD HH:MM:SS.ffffff' text in UTC and compares them as
-        # text, so generated values must have exactly that form: ISO 8601 with a space in place of the 'T'.
-        strings = np.datetime_as_string(moments, unit="us")
-        strings.view(np.uint32).reshape(strings.size, -1)[:, 10] = ord(" ")
-        as_list: list[Any] = strings.tolist()
-        return as_list
+        return stored_instants(self.postgres, micros)
 
     def instants(self, days: Floats) -> list[Any]:
         return self.timestamps(_instants(self.now_micros, days))
 
 
-async def _write(connection: AsyncConnection, postgres: bool, rows: _Rows) -> None:
-    """Bulk-insert rows in batches: COPY on PostgreSQL, the driver's executemany on SQLite."""
-    batches = [
-        rows.values[start : start + ROWS_PER_STATEMENT] for start in range(0, len(rows.values), ROWS_PER_STATEMENT)
-    ]
-    if postgres:
-        driver = (await connection.get_raw_connection()).driver_connection
-        assert driver is not None  # a checked-out connection always wraps a live asyncpg connection
-        for batch in batches:
-            # COPY runs inside the transaction SQLAlchemy has already begun on this asyncpg connection.
-            await driver.copy_records_to_table(rows.table.name, records=batch, columns=list(rows.columns))
-    else:
-        # The Core insert, compiled once per table and chunk, runs as the driver's executemany on plain tuples:
-        # the values are in storage form already, and SQLAlchemy's per-row parameter handling would add about
-        # half again to the load time.
-        insert = table(rows.table.name, *(column(name) for name in rows.columns)).insert()
-        statement = str(insert.compile(dialect=connection.dialect))
-        for batch in batches:
-            await connection.exec_driver_sql(statement, batch)
+async def _write(connection: AsyncConnection, rows: _Rows) -> None:
+    await write_rows(connection, rows.table.name, rows.columns, rows.values)
 
 
 async def _lock_tables(connection: AsyncConnection, postgres: bool) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
+from loyalty.db.staging import EPOCH
 from loyalty.lib.money import format_money
 from loyalty.scoring.config import ScoringConfig
 from loyalty.scoring.figures import Figures, ReferralFigures
@@ -26,6 +28,8 @@ from loyalty.tiers.rules import (
     phrase_missing,
 )
 
+MICROS_PER_DAY = 86_400_000_000.0
+
 
 @dataclass(frozen=True)
 class ValueTranslator:
@@ -41,7 +45,7 @@ class ValueTranslator:
     current_raw: dict[str, float]
 
     def missing_for_score(self, score: str, target: float, facts: CustomerFacts) -> Missing | None:
-        needed_raw = raw_for_score(self.cutoffs, score, target)
+        needed_raw = _raw_target(self.cutoffs, score, target)
         current = self.current_raw.get(score, 0.0)
         if needed_raw is None:
             return Missing(figure=f"{score}_score", needed=max(0.0, target - facts.scores.get(score, 0.0)))
@@ -60,33 +64,114 @@ class ValueTranslator:
         return phrase_missing(missing)
 
 
+# The figures the rules can read, each a column of the scored population.
+FACT_FIGURES = (
+    "occasions",
+    "orders_in_window",
+    "net_spend",
+    "average_order_value",
+    "predicted_value",
+    "expected_purchases",
+    "p_alive",
+    "converted_referrals",
+    "referred_revenue",
+    "reviews",
+    "shares",
+    "days_since_last",
+)
+SCORE_NAMES = ("value", "frequency", "influence")
+
+
+# The raw value each score target needs depends only on a run's cut-offs, never on the customer: worked out once per
+# run and target instead of once per customer. Keyed by id() with the cut-offs kept alive alongside, as the rules
+# cache their compiled config.
+_RAW_TARGETS: dict[int, tuple[dict[str, list[float]], dict[tuple[str, float], float | None]]] = {}
+_RAW_TARGETS_LIMIT = 8
+
+
+def _raw_target(cutoffs: dict[str, list[float]], score: str, target: float) -> float | None:
+    entry = _RAW_TARGETS.get(id(cutoffs))
+    if entry is None or entry[0] is not cutoffs:
+        if len(_RAW_TARGETS) >= _RAW_TARGETS_LIMIT:
+            _RAW_TARGETS.clear()
+        entry = (cutoffs, {})
+        _RAW_TARGETS[id(cutoffs)] = entry
+    known = entry[1]
+    key = (score, target)
+    if key not in known:
+        known[key] = raw_for_score(cutoffs, score, target)
+    return known[key]
+
+
+def fact_columns(figures: Figures, referrals: ReferralFigures, scores: Scores) -> dict[str, NDArray[Any]]:
+    """Every figure the rules can read, by name, as a column of the population (NaN where it is unknown)."""
+    return {
+        "occasions": figures.occasions,
+        "orders_in_window": figures.orders_in_window,
+        "net_spend": figures.net_spend,
+        "average_order_value": figures.average_order_value,
+        "predicted_value": scores.predicted_value,
+        "expected_purchases": scores.expected_purchases,
+        "p_alive": scores.p_alive,
+        "converted_referrals": referrals.converted_referrals,
+        "referred_revenue": referrals.referred_revenue,
+        "reviews": figures.reviews,
+        "shares": figures.shares,
+        "days_since_last": figures.days_since_last,
+    }
+
+
 def facts_at(
     position: int, figures: Figures, referrals: ReferralFigures, scores: Scores
 ) -> tuple[CustomerFacts, dict[str, float]]:
     """The rule inputs of one customer, and the raw score inputs for progress texts."""
-    days_since = figures.days_since_last[position]
-    values = {
-        "occasions": float(figures.occasions[position]),
-        "orders_in_window": float(figures.orders_in_window[position]),
-        "net_spend": float(figures.net_spend[position]),
-        "average_order_value": float(figures.average_order_value[position]),
-        "predicted_value": float(scores.predicted_value[position]),
-        "expected_purchases": float(scores.expected_purchases[position]),
-        "p_alive": float(scores.p_alive[position]),
-        "converted_referrals": float(referrals.converted_referrals[position]),
-        "referred_revenue": float(referrals.referred_revenue[position]),
-        "reviews": float(figures.reviews[position]),
-        "shares": float(figures.shares[position]),
-    }
-    if not np.isnan(days_since):
-        values["days_since_last"] = float(days_since)
+    values = {}
+    for name, column in fact_columns(figures, referrals, scores).items():
+        value = float(column[position])
+        if not math.isnan(value):  # an unknown figure is left out, which fails every condition on it
+            values[name] = value
     facts = CustomerFacts(
         paid_orders=int(figures.paid_orders[position]),
-        scores={name: float(scores.score[name][position]) for name in ("value", "frequency", "influence")},
+        scores={name: float(scores.score[name][position]) for name in SCORE_NAMES},
         figures=values,
     )
-    raw = {name: float(scores.raw[name][position]) for name in ("value", "frequency", "influence")}
+    raw = {name: float(scores.raw[name][position]) for name in SCORE_NAMES}
     return facts, raw
+
+
+class ChunkFacts:
+    """``facts_at`` for a run of consecutive customers, reading only the figures the rules use: the full run's
+    per-customer inner loop, where building every figure for every customer would cost more than the rules."""
+
+    def __init__(
+        self, tiers: TiersConfig, population: tuple[Figures, ReferralFigures, Scores], start: int, stop: int
+    ) -> None:
+        figures, referrals, scores = population
+        used = used_figures(tiers)
+        columns = fact_columns(figures, referrals, scores)
+        self._figures = [(name, columns[name][start:stop].tolist()) for name in FACT_FIGURES if name in used]
+        self._paid = figures.paid_orders[start:stop].tolist()
+        self._scores = [(name, scores.score[name][start:stop].tolist()) for name in SCORE_NAMES]
+        self._raw = [(name, scores.raw[name][start:stop].tolist()) for name in SCORE_NAMES]
+
+    def at(self, offset: int) -> tuple[CustomerFacts, dict[str, float]]:
+        values = {}
+        for name, column in self._figures:
+            value = column[offset]
+            if value == value:  # not NaN: an unknown figure is left out, as in facts_at
+                values[name] = float(value)
+        facts = CustomerFacts(
+            paid_orders=int(self._paid[offset]),
+            scores={name: column[offset] for name, column in self._scores},
+            figures=values,
+        )
+        return facts, {name: column[offset] for name, column in self._raw}
+
+
+def used_figures(tiers: TiersConfig) -> frozenset[str]:
+    """The figures any rule or text reads: those the conditions name, and occasions ("3 purchases so far")."""
+    named = {condition.figure for tier in tiers.tier for condition in tier.conditions if condition.figure}
+    return frozenset(named | {"occasions"})
 
 
 def decide(
@@ -110,6 +195,51 @@ def _needed(missing: Missing) -> str | float:
     return missing.needed
 
 
+MONEY_SCORE_COLUMNS = frozenset({"net_spend", "lifetime_spend", "average_order_value"})
+INSTANT_SCORE_COLUMNS = frozenset({"first_purchase_at", "last_purchase_at"})
+
+
+def score_columns(
+    figures: Figures, referrals: ReferralFigures, scores: Scores, positions: slice
+) -> dict[str, NDArray[Any]]:
+    """The customer_score columns of a run of customers, computed from the population's arrays.
+
+    Money is a float in currency units and instants are microseconds since the epoch; NaN stands for NULL (the
+    purchase dates and days since the last order of a customer without a paid order).
+    """
+    scored = figures.occasions[positions] > 0
+
+    def when_scored(values: NDArray[Any]) -> NDArray[np.float64]:
+        return np.where(scored, values, np.nan)
+
+    return {
+        "value_score": scores.score["value"][positions],
+        "frequency_score": scores.score["frequency"][positions],
+        "influence_score": scores.score["influence"][positions],
+        "paid_orders": figures.paid_orders[positions],
+        "occasions": figures.occasions[positions],
+        "orders_in_window": figures.orders_in_window[positions],
+        "net_spend": figures.net_spend[positions],
+        "lifetime_spend": figures.lifetime_spend[positions],
+        "average_order_value": figures.average_order_value[positions],
+        "first_purchase_at": when_scored(figures.first_day[positions] * MICROS_PER_DAY),
+        "last_purchase_at": when_scored(figures.last_day[positions] * MICROS_PER_DAY),
+        "days_since_last": when_scored(figures.days_since_last[positions]),
+        "frequency": figures.frequency[positions].astype(np.int64),
+        "recency_days": figures.recency[positions],
+        "age_days": figures.age[positions],
+        "mean_repeat_spend": figures.mean_repeat_spend[positions],
+        "expected_purchases": scores.expected_purchases[positions],
+        "p_alive": scores.p_alive[positions],
+        "expected_spend": scores.expected_spend[positions],
+        "predicted_value": scores.predicted_value[positions],
+        "converted_referrals": referrals.converted_referrals[positions],
+        "referred_revenue": referrals.referred_revenue[positions],
+        "reviews": figures.reviews[positions],
+        "shares": figures.shares[positions],
+    }
+
+
 def score_row(
     customer_id: int,
     position: int,
@@ -121,40 +251,25 @@ def score_row(
     computed_at: datetime,
     run_id: int | None,
 ) -> dict[str, Any]:
-    """One customer_score row."""
-    scored = bool(figures.occasions[position] > 0)
-    first, last = figures.first_day[position], figures.last_day[position]
-    return {
+    """One customer_score row, for the ORM (the real-time path)."""
+    row: dict[str, Any] = {
         "customer_id": customer_id,
         "run_id": run_id,
         "as_of": as_of,
         "computed_at": computed_at,
-        "value_score": float(scores.score["value"][position]),
-        "frequency_score": float(scores.score["frequency"][position]),
-        "influence_score": float(scores.score["influence"][position]),
-        "paid_orders": int(figures.paid_orders[position]),
-        "occasions": int(figures.occasions[position]),
-        "orders_in_window": int(figures.orders_in_window[position]),
-        "net_spend": _money(figures.net_spend[position]),
-        "lifetime_spend": _money(figures.lifetime_spend[position]),
-        "average_order_value": _money(figures.average_order_value[position]),
-        "first_purchase_at": _day_start(first) if scored else None,
-        "last_purchase_at": _day_start(last) if scored else None,
-        "days_since_last": float(figures.days_since_last[position]) if scored else None,
-        "frequency": int(figures.frequency[position]),
-        "recency_days": float(figures.recency[position]),
-        "age_days": float(figures.age[position]),
-        "mean_repeat_spend": float(figures.mean_repeat_spend[position]),
-        "expected_purchases": float(scores.expected_purchases[position]),
-        "p_alive": float(scores.p_alive[position]),
-        "expected_spend": float(scores.expected_spend[position]),
-        "predicted_value": float(scores.predicted_value[position]),
-        "converted_referrals": int(referrals.converted_referrals[position]),
-        "referred_revenue": float(referrals.referred_revenue[position]),
-        "reviews": int(figures.reviews[position]),
-        "shares": int(figures.shares[position]),
         "interests": interests,
     }
+    for name, column in score_columns(figures, referrals, scores, slice(position, position + 1)).items():
+        value = column[0].item()
+        if name in MONEY_SCORE_COLUMNS:
+            row[name] = _money(value)
+        elif isinstance(value, float) and math.isnan(value):
+            row[name] = None
+        elif name in INSTANT_SCORE_COLUMNS:
+            row[name] = EPOCH + timedelta(microseconds=value)
+        else:
+            row[name] = value
+    return row
 
 
 def tier_row(
@@ -244,7 +359,3 @@ def place_customer(
 
 def _money(value: float) -> Decimal:
     return Decimal(str(round(float(value), 4)))
-
-
-def _day_start(day: float) -> datetime:
-    return datetime.fromtimestamp(float(day) * 86_400.0, UTC)

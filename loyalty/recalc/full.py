@@ -10,24 +10,22 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from loyalty.db.dialect import bulk_upsert
-from loyalty.db.models import CustomerScore, CustomerTier, RecalcRun, TierHistory
-from loyalty.db.session import read_only, transaction
+from loyalty.db.models import CustomerTier, RecalcRun
+from loyalty.db.session import READ_ONLY_OPTION, read_only, transaction
+from loyalty.db.staging import is_postgres_connection
 from loyalty.lib.clock import utcnow
 from loyalty.offers.welcome import issue_welcome_offers
 from loyalty.ops import metrics
-from loyalty.recalc import runs
-from loyalty.recalc.assignments import place_customer
+from loyalty.recalc import runs, staged
 from loyalty.scoring.config import ScoringConfig
 from loyalty.scoring.figures import (
     Figures,
@@ -132,8 +130,8 @@ async def compute_population(
     return Population(figures, referrals, scores, cutoffs, interests, model)
 
 
-async def _current_states(session: AsyncSession, low: int, high: int) -> dict[int, Any]:
-    rows = await session.execute(
+async def _current_states(connection: AsyncConnection, low: int, high: int) -> dict[int, Any]:
+    rows = await connection.execute(
         select(
             CustomerTier.customer_id,
             CustomerTier.tier,
@@ -190,91 +188,94 @@ async def _compute_and_write(
     lease_lost: asyncio.Event,
 ) -> dict[str, Any]:
     population = await compute_population(session_maker, as_of, tiers.scoring, timer)
-    figures, referrals, scores, cutoffs = (
-        population.figures,
-        population.referrals,
-        population.scores,
-        population.cutoffs,
-    )
-    interests = population.interests
-    model = population.model
-    metrics.record_fallback(model.get("fallback"))
-    moves: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    figures = population.figures
+    metrics.record_fallback(population.model.get("fallback"))
     now = as_of if as_of < started_at else utcnow()
-    async with transaction(session_maker) as session:
-        for start in range(0, len(figures), WRITE_CHUNK):
+    engine: AsyncEngine = session_maker.kw["bind"]
+    # One connection for the whole write: its temporary tables hold the run's rows until the apply.
+    async with engine.connect() as connection:
+        postgres = is_postgres_connection(connection)
+        context = staged.RunContext(
+            tiers=tiers,
+            figures=figures,
+            referrals=population.referrals,
+            scores=population.scores,
+            cutoffs=population.cutoffs,
+            interests=population.interests,
+            run_id=run_id,
+            as_of=as_of,
+            now=now,
+            started_at=started_at,
+            postgres=postgres,
+        )
+        # Staging only reads the service's tables (and writes temporary ones): on SQLite it must neither take nor
+        # wait for the write lock, which the apply alone holds, briefly.
+        await connection.execution_options(**{READ_ONLY_OPTION: True})
+        try:
+            async with connection.begin():
+                await staged.create_stage(connection)
+            for start in range(0, len(figures), WRITE_CHUNK):
+                if lease_lost.is_set():
+                    raise LeaseLostError("the run's lease was lost; another replica marked it failed")
+                stop = min(start + WRITE_CHUNK, len(figures))
+                async with connection.begin():
+                    async with timer.phase("rules"):
+                        states = await _current_states(
+                            connection, int(figures.customer_id[start]), int(figures.customer_id[stop - 1])
+                        )
+                        # In a thread, so that a run inside the server leaves its event loop free for requests.
+                        chunk = await asyncio.to_thread(staged.stage_chunk, context, start, stop, states)
+                    async with timer.phase("stage"):
+                        await staged.append(connection, chunk)
             if lease_lost.is_set():
                 raise LeaseLostError("the run's lease was lost; another replica marked it failed")
-            stop = min(start + WRITE_CHUNK, len(figures))
-            ids = figures.customer_id[start:stop]
-            async with timer.phase("rules"):
-                states = await _current_states(session, int(ids[0]), int(ids[-1]))
-                placements = []
-                for position in range(start, stop):
-                    customer_id = int(figures.customer_id[position])
-                    stored = states.get(customer_id)
-                    if stored is not None and stored.updated_at > started_at:
-                        continue  # re-scored in real time after this run began, from newer data than ours
-                    placements.append(
-                        place_customer(
-                            tiers,
-                            position,
-                            (figures, referrals, scores, cutoffs),
-                            interests.get(customer_id, []),
-                            stored,
-                            as_of=as_of,
-                            now=now,
-                            allow_downgrade=True,
-                            score_run_id=run_id,
-                            history_run_id=run_id,
-                        )
-                    )
-            if not dry_run:
-                async with timer.phase("write"):
-                    # A real-time re-score may commit between our read of the chunk and this write: the veto
-                    # keeps its newer tier, and only rows we did write get our scores and history.
-                    written = set(
-                        await bulk_upsert(
-                            session,
-                            CustomerTier,
-                            [placement.tier for placement in placements],
-                            ["customer_id"],
-                            where=CustomerTier.updated_at <= started_at,
-                            returning=CustomerTier.customer_id,
-                        )
-                    )
-                    placements = [p for p in placements if p.tier["customer_id"] in written]
-                    await bulk_upsert(session, CustomerScore, [p.score for p in placements], ["customer_id"])
-                    history_rows = [p.history for p in placements if p.history is not None]
-                    if history_rows:
-                        await session.execute(insert(TierHistory), history_rows)
-            for placement in placements:
-                moves[placement.previous_tier or "none"][placement.assignment.tier] += 1
-        if lease_lost.is_set():
-            raise LeaseLostError("the run's lease was lost; another replica marked it failed")
-        if not dry_run:
-            async with timer.phase("effects"):
-                selection = HistorySelection(run_id=run_id)
-                await announce_tier_changes(session, selection, now)
-                await issue_welcome_offers(session, tiers, selection, now)
-        matrix = {source: dict(targets) for source, targets in moves.items()}
-        finished = await session.scalar(
-            update(RecalcRun)
-            .where(RecalcRun.id == run_id, RecalcRun.status == "running")
-            .values(
-                status="succeeded",
-                finished_at=utcnow(),
-                active_slot=None,
-                as_of=as_of,
-                phases=timer.phases,
-                customers=int(figures.scored.sum()),
-                moves=matrix,
-                config_hash=tiers.config_hash,
-                model=model,
-                cutoffs=cutoffs,
-            )
-            .returning(RecalcRun.id)
-        )
-        if finished is None:
-            raise LeaseLostError("the run was marked failed by another replica before it could finish")
+            await connection.execution_options(**{READ_ONLY_OPTION: False})
+            async with connection.begin():
+                if not dry_run:
+                    async with timer.phase("write"):
+                        await staged.apply(connection, run_id, started_at)
+                moves = await staged.staged_moves(connection)
+                async with AsyncSession(bind=connection, join_transaction_mode="create_savepoint") as session:
+                    if not dry_run:
+                        async with timer.phase("effects"):
+                            selection = HistorySelection(run_id=run_id)
+                            await announce_tier_changes(session, selection, now)
+                            await issue_welcome_offers(session, tiers, selection, now)
+                    await _finish(session, run_id, tiers, as_of, timer, population, moves)
+                    await session.commit()
+        finally:
+            with contextlib.suppress(DBAPIError):
+                async with connection.begin():
+                    await staged.drop_stage(connection)
     return {"run_id": run_id, "status": "succeeded", "customers": int(figures.scored.sum())}
+
+
+async def _finish(
+    session: AsyncSession,
+    run_id: int,
+    tiers: TiersConfig,
+    as_of: datetime,
+    timer: PhaseTimer,
+    population: Population,
+    moves: dict[str, dict[str, int]],
+) -> None:
+    """Mark the run succeeded, unless another replica declared it dead meanwhile."""
+    finished = await session.scalar(
+        update(RecalcRun)
+        .where(RecalcRun.id == run_id, RecalcRun.status == "running")
+        .values(
+            status="succeeded",
+            finished_at=utcnow(),
+            active_slot=None,
+            as_of=as_of,
+            phases=timer.phases,
+            customers=int(population.figures.scored.sum()),
+            moves=moves,
+            config_hash=tiers.config_hash,
+            model=population.model,
+            cutoffs=population.cutoffs,
+        )
+        .returning(RecalcRun.id)
+    )
+    if finished is None:
+        raise LeaseLostError("the run was marked failed by another replica before it could finish")

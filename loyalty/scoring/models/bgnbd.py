@@ -347,10 +347,28 @@ def _fit_bgnbd(x: ArrayLike, t_x: ArrayLike, T: ArrayLike, weights: ArrayLike | 
 
     iterations = 0
     if rows.n_rows > _WARM_START_ROWS:
-        subset = _Likelihood(stratified_subset(rows, _WARM_START_ROWS))
+        subset_rows = stratified_subset(rows, _WARM_START_ROWS)
+        subset = _Likelihood(subset_rows)
         warm = minimise(mean_objective(subset, scale), start, 1e-7, 1e-5, _MAX_ITERATIONS)
         iterations += warm.iterations
-        if warm.converged and np.all(np.abs(warm.log_params) <= LOG_PARAMETER_LIMIT):
+        if np.any(np.abs(warm.log_params) > LOG_PARAMETER_LIMIT):
+            # A stratified subset that runs off to a limit (converged there or stopped on the way) means the data
+            # cannot identify a parameter (typically no visible dropout: b -> infinity). The full data follows the
+            # same flat ridge at many times the cost per iteration (tens of seconds at a million customers), only
+            # to reach the same fallback.
+            estimate = ", ".join(
+                f"{name}={value:.6g}"
+                for name, value in zip(("r", "alpha", "a", "b"), scale * np.exp(warm.log_params), strict=True)
+            )
+            return _fallback_fit(
+                f"estimate at a degenerate limit the data cannot identify (on a stratified subset of "
+                f"{subset_rows.n_rows} rows: {estimate})",
+                time_unit,
+                likelihood,
+                rows.n_rows,
+                iterations,
+            )
+        if warm.converged:
             start = warm.log_params
     result = minimise(mean_objective(likelihood, scale), start, _GTOL, _ACCEPT_GTOL, _MAX_ITERATIONS)
     iterations += result.iterations

@@ -318,3 +318,17 @@ def test_data_that_do_not_identify_the_model_fall_back() -> None:
     assert fit.fallback is not None
     assert "degenerate" in fit.fallback or "converge" in fit.fallback
     assert fit.params == DEFAULT_BGNBD_PARAMS
+
+
+def test_a_large_population_that_does_not_identify_the_model_falls_back_from_its_subset() -> None:
+    # The same unidentifiable data, but more distinct rows than the warm start uses: the subset's degenerate
+    # estimate settles it, without following the flat ridge over every row.
+    rng = np.random.default_rng(5)
+    T = rng.integers(100, 1100, 80_000).astype(np.float64)
+    x = rng.poisson(0.05 * T).astype(np.float64)
+    t_x = np.where(x > 0, np.floor(T * rng.beta(np.maximum(x, 1), 1)), 0.0)
+    fit = fit_bgnbd(x, t_x, T)
+    assert fit.fallback is not None
+    assert "degenerate" in fit.fallback
+    assert "stratified subset" in fit.fallback
+    assert fit.params == DEFAULT_BGNBD_PARAMS
