@@ -92,6 +92,49 @@ LEFT JOIN engagement e ON e.customer_id = c.id
 ORDER BY c.id
 """
 
+# The full population on PostgreSQL: every paid order as (customer, UTC day, net value), streamed out with a binary
+# COPY and grouped by day and customer in NumPy. Grouping ten million orders by (customer, day) in SQL needs a sort
+# of all of them; NumPy sorts the same keys several times faster, and the rows cross the socket as fixed-width
+# binary. The same order filter and net value as _FIGURES_SQL, which stays the definition for SQLite and for the
+# real-time path (a few customers).
+_PAID_ORDERS_COPY_SQL = """
+SELECT o.customer_id, {day} AS day, o.total - o.refunded + COALESCE(r.amount, 0) AS value
+FROM customer_order o
+LEFT JOIN (
+    SELECT order_id, CAST(SUM(amount) AS BIGINT) AS amount FROM refund WHERE refunded_at > $1 GROUP BY order_id
+) r ON r.order_id = o.id
+WHERE o.placed_at <= $1 AND (o.total - o.refunded + COALESCE(r.amount, 0) > 0 OR o.total = 0)
+"""
+
+_ENGAGEMENT_SQL = """
+SELECT c.id, CAST(COALESCE(e.reviews, 0) AS BIGINT), CAST(COALESCE(e.shares, 0) AS BIGINT)
+FROM customer c
+LEFT JOIN (
+    SELECT customer_id,
+           SUM(CASE WHEN type = 'review' THEN 1 ELSE 0 END) AS reviews,
+           SUM(CASE WHEN type = 'social_share' THEN 1 ELSE 0 END) AS shares
+    FROM interaction_event
+    WHERE occurred_at <= $1 AND type IN ('review', 'social_share')
+    GROUP BY customer_id
+) e ON e.customer_id = c.id
+ORDER BY c.id
+"""
+
+
+def _copy_row(fields: Sequence[tuple[str, str]]) -> np.dtype[Any]:
+    """The layout of a binary COPY row of non-null fixed-width fields (``i8`` bigint, ``i4`` integer): the field
+    count, then each field's length and value, all big-endian."""
+    layout: list[tuple[str, str]] = [("fields", ">i2")]
+    for name, kind in fields:
+        layout += [(f"{name}_length", ">i4"), (name, f">{kind}")]
+    return np.dtype(layout)
+
+
+_PAID_ORDER_FIELDS = (("customer_id", "i8"), ("day", "i4"), ("value", "i8"))
+_ENGAGEMENT_FIELDS = (("customer_id", "i8"), ("reviews", "i8"), ("shares", "i8"))
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+_COPY_HEADER = len(_COPY_SIGNATURE) + 8  # flags and header-extension length, both int32
+
 _REFERRALS_SQL = """
 SELECT referrer_id, referee_id FROM referral WHERE occurred_at <= :as_of {filter}
 """
@@ -213,6 +256,8 @@ async def load_figures(
 ) -> Figures:
     """Figures for every customer (``customer_ids=None``) or for the given ones, streamed in chunks."""
     dialect = session.get_bind().dialect.name
+    if customer_ids is None and dialect == "postgresql":
+        return await _load_all_figures_by_copy(session, as_of, config)
     day = _DAY_NUMBER[dialect].format(column="o.placed_at")
     sql = _FIGURES_SQL.format(day=day, **_filters(customer_ids))
     as_of_day = day_number(as_of)
@@ -241,6 +286,114 @@ async def load_figures(
         repeat_spend=table[:, 8] * money,
         reviews=table[:, 9].astype(np.int64),
         shares=table[:, 10].astype(np.int64),
+        as_of_day=as_of_day,
+    )
+
+
+class _CopyColumns:
+    """Collects a binary COPY stream of fixed-width rows into int64 columns, chunk by chunk (bounded memory)."""
+
+    def __init__(self, fields: Sequence[tuple[str, str]]) -> None:
+        self._names = [name for name, _kind in fields]
+        self._row = _copy_row(fields)
+        self._pending = b""
+        self._header_seen = False
+        self._chunks: list[dict[str, IntArray]] = []
+
+    async def __call__(self, data: bytes) -> None:
+        pending = self._pending + data
+        if not self._header_seen:
+            if len(pending) < _COPY_HEADER:
+                self._pending = pending
+                return
+            if not pending.startswith(_COPY_SIGNATURE):
+                raise ValueError("not a binary COPY stream")
+            extension = int.from_bytes(pending[_COPY_HEADER - 4 : _COPY_HEADER], "big")
+            pending = pending[_COPY_HEADER + extension :]
+            self._header_seen = True
+        whole = len(pending) // self._row.itemsize * self._row.itemsize
+        if whole:
+            rows = np.frombuffer(pending, dtype=self._row, count=whole // self._row.itemsize)
+            # The trailer (field count -1) is two bytes, shorter than a row, so it never parses as one.
+            if np.any(rows["fields"] != len(self._names)):
+                raise ValueError("unexpected row in the COPY stream")
+            self._chunks.append({name: rows[name].astype(np.int64) for name in self._names})
+        self._pending = pending[whole:]
+
+    def columns(self) -> dict[str, IntArray]:
+        if self._pending not in (b"", b"\xff\xff"):
+            raise ValueError("the COPY stream ended inside a row")
+        return {
+            name: np.concatenate([chunk[name] for chunk in self._chunks])
+            if self._chunks
+            else np.zeros(0, dtype=np.int64)
+            for name in self._names
+        }
+
+
+async def _copy_columns(
+    driver: Any, sql: str, as_of: datetime, fields: Sequence[tuple[str, str]]
+) -> dict[str, IntArray]:
+    sink = _CopyColumns(fields)
+    await driver.copy_from_query(sql, as_of, output=sink, format="binary")
+    return sink.columns()
+
+
+async def _load_all_figures_by_copy(session: AsyncSession, as_of: datetime, config: ScoringConfig) -> Figures:
+    as_of_day = day_number(as_of)
+    window_start_day = math.floor(as_of_day) - config.window_days + 1
+    connection = await session.connection()
+    driver = (await connection.get_raw_connection()).driver_connection
+    assert driver is not None  # a checked-out connection always wraps a live asyncpg connection
+    day = _DAY_NUMBER["postgresql"].format(column="o.placed_at")
+    paid = await _copy_columns(driver, _PAID_ORDERS_COPY_SQL.format(day=day), as_of, _PAID_ORDER_FIELDS)
+    customer, days, values = paid["customer_id"], paid["day"], paid["value"]
+
+    # Orders by customer, then day: the rows of one day of one customer are one purchase occasion.
+    order = np.lexsort((days, customer))
+    customer, days, values = customer[order], days[order], values[order]
+    size = customer.size
+    day_starts = np.flatnonzero(np.concatenate(([size > 0], (customer[1:] != customer[:-1]) | (days[1:] != days[:-1]))))
+    occasion_customer = customer[day_starts]
+    occasion_day = days[day_starts]
+    occasion_value = np.add.reduceat(values, day_starts) if size else values
+    occasion_orders = np.diff(np.append(day_starts, size))
+    customer_starts = np.flatnonzero(
+        np.concatenate(([occasion_customer.size > 0], occasion_customer[1:] != occasion_customer[:-1]))
+    )
+    customer_ends = np.append(customer_starts[1:], occasion_customer.size)[: customer_starts.size] - 1
+    in_window = occasion_day >= window_start_day
+
+    def per_customer(column: IntArray) -> IntArray:
+        return np.add.reduceat(column, customer_starts) if customer_starts.size else column[:0]
+
+    buyers = occasion_customer[customer_starts]
+    lifetime = per_customer(occasion_value)
+
+    engagement = await _copy_columns(driver, _ENGAGEMENT_SQL, as_of, _ENGAGEMENT_FIELDS)
+    ids = engagement["customer_id"]
+    count = ids.size
+    position = np.searchsorted(ids, buyers)
+
+    def spread(values_for_buyers: NDArray[Any], empty: float) -> NDArray[np.float64]:
+        full = np.full(count, empty, dtype=np.float64)
+        full[position] = values_for_buyers
+        return full
+
+    money = 1.0 / STORAGE_FACTOR
+    return Figures(
+        customer_id=ids,
+        occasions=spread(np.diff(np.append(customer_starts, occasion_customer.size)), 0).astype(np.int64),
+        paid_orders=spread(per_customer(occasion_orders), 0).astype(np.int64),
+        first_day=spread(occasion_day[customer_starts], math.nan),
+        last_day=spread(occasion_day[customer_ends], math.nan),
+        lifetime_spend=spread(lifetime, 0) * money,
+        net_spend=spread(per_customer(np.where(in_window, occasion_value, 0)), 0) * money,
+        orders_in_window=spread(per_customer(np.where(in_window, occasion_orders, 0)), 0).astype(np.int64),
+        # Repeat spend: everything after the first occasion (the first day's orders together).
+        repeat_spend=spread(lifetime - occasion_value[customer_starts], 0) * money,
+        reviews=engagement["reviews"],
+        shares=engagement["shares"],
         as_of_day=as_of_day,
     )
 
