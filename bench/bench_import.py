@@ -1,13 +1,15 @@
 """Time `loyalty import orders` on a generated generic CSV.
 
-    .venv/bin/python bench/bench_import.py [--rows 1000000] [--database-url URL] [--batch-size N] [--rerun]
+    .venv/bin/python bench/bench_import.py [--rows 1000000] [--database-url URL] [--batch-size N] [--rerun] [--runs N]
 
 Writes a generic order file of ``--rows`` rows (one to three item rows per order, five orders per customer) to a
 temporary directory and runs the real command on it in a subprocess (``python -m loyalty.cli import orders``).
 Without ``--database-url`` the import goes into a fresh SQLite file beside the CSV; a PostgreSQL URL
 (``postgresql+asyncpg://...``) must name an existing database, which is migrated first. Ids carry a per-run tag,
 so repeated runs on one database always import new orders. ``--rerun`` imports the same file a second time, to
-time the idempotent path where every order is a duplicate. Prints rows, orders and seconds, and rows/s.
+time the idempotent path where every order is a duplicate. Prints rows, orders and seconds, rows/s, and the CPU
+seconds of the import process (the rest of the wall time is the database's work, or waiting for a busy machine).
+``--runs N`` repeats everything N times with a new file (and on SQLite a fresh database) and prints the medians.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,10 +63,12 @@ async def migrate(database_url: str) -> None:
         await engine.dispose()
 
 
-def run_import(path: Path, database_url: str, batch_size: int | None) -> tuple[float, str]:
+def run_import(path: Path, database_url: str, batch_size: int | None) -> tuple[float, float, str]:
+    """Answers the wall seconds, the CPU seconds of the import process, and its output."""
     command = [sys.executable, "-m", "loyalty.cli", "import", "orders", str(path)]
     if batch_size:
         command += ["--batch-size", str(batch_size)]
+    cpu_before = _children_cpu()
     started = time.perf_counter()
     completed = subprocess.run(
         command,
@@ -74,10 +80,16 @@ def run_import(path: Path, database_url: str, batch_size: int | None) -> tuple[f
     seconds = time.perf_counter() - started
     if completed.returncode != 0:
         sys.exit(f"import failed ({completed.returncode}):\n{completed.stdout}\n{completed.stderr}")
-    return seconds, completed.stdout
+    return seconds, _children_cpu() - cpu_before, completed.stdout
 
 
-def bench(directory: Path, rows: int, database_url: str, batch_size: int | None, rerun: bool) -> None:
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def bench(directory: Path, rows: int, database_url: str, batch_size: int | None, rerun: bool) -> dict[str, float]:
+    """One run: answers the wall seconds of each import."""
     path = directory / "orders.csv"
     started = time.perf_counter()
     orders = write_file(path, rows)
@@ -85,11 +97,15 @@ def bench(directory: Path, rows: int, database_url: str, batch_size: int | None,
           f"{time.perf_counter() - started:.1f} s")  # fmt: skip
     if not database_url.startswith("sqlite"):
         asyncio.run(migrate(database_url))
+    timings: dict[str, float] = {}
     for label in ("import", "re-run") if rerun else ("import",):
-        seconds, output = run_import(path, database_url, batch_size)
-        print(f"--- {label} on {database_url.split(':', 1)[0]}: {seconds:.1f} s, {rows / seconds:,.0f} rows/s, "
-              f"{orders / seconds:,.0f} orders/s (process wall time)")  # fmt: skip
+        seconds, cpu_seconds, output = run_import(path, database_url, batch_size)
+        timings[label] = seconds
+        database = database_url.split(":", 1)[0]
+        print(f"--- {label} on {database}: {seconds:.1f} s, {rows / seconds:,.0f} rows/s, {orders / seconds:,.0f} "
+              f"orders/s (process wall time; import process CPU {cpu_seconds:.1f} s)")  # fmt: skip
         print(output.rstrip())
+    return timings
 
 
 def main() -> None:
@@ -98,10 +114,19 @@ def main() -> None:
     parser.add_argument("--database-url", help="default: a fresh SQLite file in a temporary directory")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--rerun", action="store_true", help="import the same file again (all duplicates)")
+    parser.add_argument("--runs", type=int, default=1, help="repeat and print the median wall times")
     arguments = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="loyalty-bench-import-") as directory:
-        database_url = arguments.database_url or f"sqlite+aiosqlite:///{Path(directory) / 'import.db'}"
-        bench(Path(directory), arguments.rows, database_url, arguments.batch_size, arguments.rerun)
+    runs: list[dict[str, float]] = []
+    for _run in range(arguments.runs):
+        with tempfile.TemporaryDirectory(prefix="loyalty-bench-import-") as directory:
+            database_url = arguments.database_url or f"sqlite+aiosqlite:///{Path(directory) / 'import.db'}"
+            runs.append(bench(Path(directory), arguments.rows, database_url, arguments.batch_size, arguments.rerun))
+    if arguments.runs > 1:
+        for label in runs[0]:
+            seconds = statistics.median(run[label] for run in runs)
+            each = ", ".join(f"{run[label]:.1f}" for run in runs)
+            print(f"=== median {label} of {arguments.runs} runs: {seconds:.1f} s for {arguments.rows:,} rows "
+                  f"({arguments.rows / seconds:,.0f} rows/s); runs: {each}")  # fmt: skip
 
 
 if __name__ == "__main__":

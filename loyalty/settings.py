@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     db_pool_size: int = Field(default=10, gt=0)
     db_max_overflow: int = Field(default=10, ge=0)
     db_timeout_seconds: float = Field(default=10.0, gt=0)
+    # A request's API key is read from the database at most this often per process (0: on every request); a
+    # key revoked by another process is refused within this time (at once by the process that revoked it).
+    # Bounds how long a revoked key keeps working on other processes; kept to seconds on purpose.
+    api_key_cache_seconds: float = Field(default=1.0, ge=0, le=5)
     scheduler_enabled: bool = True
     # A running recalculation renews its lease every third of this; a replica that dies loses it after this long.
     recalc_lease_seconds: float = Field(default=60.0, ge=1)

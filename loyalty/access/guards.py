@@ -13,7 +13,7 @@ from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 from sqlalchemy import select
 
-from loyalty.access.services import KeyPrincipal, authenticate_key
+from loyalty.access.services import KeyPrincipal, verify_key
 from loyalty.access.tokens import CustomerPrincipal, InvalidTokenError, verify_customer_token
 from loyalty.db.models import Customer
 from loyalty.lib.errors import FORBIDDEN, UNAUTHENTICATED, ProblemError
@@ -32,9 +32,8 @@ async def _key_principal(connection: ASGIConnection[Any, Any, Any, Any]) -> KeyP
         if connection.headers.get("authorization"):
             raise _unauthenticated("This route takes an API key in X-API-Key, not a customer token")
         raise _unauthenticated("Send an API key in the X-API-Key header")
-    async with connection.app.state.read_session_maker() as session:
-        principal = await authenticate_key(session, plain)
-        await session.rollback()
+    state = connection.app.state
+    principal = await verify_key(state.engine, plain, state.settings.api_key_cache_seconds)
     if principal is None:
         raise _unauthenticated("The API key is unknown or revoked")
     return principal

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any, Literal
+import hashlib
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import Field, StringConstraints, field_validator
 
@@ -43,6 +47,82 @@ class OrderCreate(OrderBase):
         if value.upper() != store:
             raise ValueError(f"must be {store}, the store currency; convert amounts before sending")
         return store
+
+
+def _needs_no_escaping(text: str) -> bool:
+    """Printable ASCII without quotes or backslashes is its own JSON string body, as ``json.dumps`` writes it."""
+    return text.isascii() and text.isprintable() and '"' not in text and "\\" not in text
+
+
+def _json_string(value: str) -> str:
+    return f'"{value}"' if _needs_no_escaping(value) else json.dumps(value)
+
+
+def _quoted(value: str) -> str:
+    return f'"{value}"'
+
+
+class ItemContent(Protocol):
+    @property
+    def sku(self) -> str: ...
+    @property
+    def category(self) -> str | None: ...
+    @property
+    def quantity(self) -> int: ...
+    @property
+    def unit_price(self) -> Decimal: ...
+
+
+class OrderContent(Protocol):
+    """What makes an order's content: an ``OrderCreate``, or the importer's lighter record of a validated one."""
+
+    @property
+    def order_id(self) -> str: ...
+    @property
+    def customer_id(self) -> str: ...
+    @property
+    def placed_at(self) -> datetime: ...
+    @property
+    def total(self) -> Decimal: ...
+    @property
+    def currency(self) -> str: ...
+    @property
+    def items(self) -> Sequence[ItemContent]: ...
+    @property
+    def channel(self) -> str | None: ...
+
+
+def order_content_hash(order: OrderContent) -> str:
+    """``order.content_hash()``, the same digest at a fraction of the cost, for batches and imports of many orders.
+
+    It writes the canonical JSON (keys sorted, no spaces, ASCII) of the model's JSON form directly instead of
+    through ``model_dump`` and ``json.dumps``: money in its API form, the time (UTC once validated) as pydantic
+    writes it, with ``Z`` and microseconds only when there are any. Tests hold it equal to ``content_hash`` across
+    the variants of every field, and fail as soon as the schema gains a field this does not write.
+    """
+    placed_at = order.placed_at
+    if placed_at.tzinfo is not UTC:
+        raise ValueError("a validated order's placed_at is in UTC")
+    # format_money's rounding, with the currency's quantum looked up once per order instead of once per amount.
+    quantum = Decimal(1).scaleb(-get_settings().currency_exponent)
+    items = order.items
+    texts = [order.order_id, order.customer_id, order.currency, order.channel or ""]
+    for item in items:
+        texts += (item.sku, item.category or "")
+    # One check of all the texts together: nearly always none needs escaping, and each is then simply quoted.
+    text = _quoted if _needs_no_escaping("".join(texts)) else _json_string
+    items_json = ",".join(
+        f'{{"category":{"null" if item.category is None else text(item.category)},"quantity":{item.quantity:d},'
+        f'"sku":{text(item.sku)},"unit_price":"{item.unit_price.quantize(quantum)}"}}'
+        for item in items
+    )
+    channel = "null" if order.channel is None else text(order.channel)
+    canonical = (
+        f'{{"channel":{channel},"currency":{text(order.currency)},"customer_id":{text(order.customer_id)},'
+        f'"items":[{items_json}],"order_id":{text(order.order_id)},'
+        f'"placed_at":"{placed_at.isoformat().replace("+00:00", "Z")}","total":"{order.total.quantize(quantum)}"}}'
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class Order(OrderBase):

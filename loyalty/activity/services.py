@@ -10,11 +10,13 @@ from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
 from pydantic import ValidationError
-from sqlalchemy import insert, literal, select, text, update
+from sqlalchemy import delete, insert, literal, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.activity import schemas
-from loyalty.customers.lookup import ensure_customer_id, ensure_customer_ids
+from loyalty.customers.lookup import ensure_customer_id, ensure_customer_ids, ensure_customers
+from loyalty.db.base import Base
+from loyalty.db.bulk import in_list, insert_new_rows, insert_rows
 from loyalty.db.dialect import advisory_lock, insert_ignoring_conflicts
 from loyalty.db.models import Customer, InteractionEvent, Order, OrderItem, Referral, Refund
 from loyalty.lib.clock import utcnow
@@ -36,6 +38,7 @@ from loyalty.lib.schemas import Schema
 # concurrent referrals from closing a cycle that neither could see alone. Referrals are rare, so it is cheap.
 T = TypeVar("T")
 _REFERRAL_LOCK_KEY = zlib.crc32(b"loyalty.referral")
+_ORDER_TABLE, _ITEM_TABLE = (Base.metadata.tables[model.__tablename__] for model in (Order, OrderItem))
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,9 @@ async def create_order(session: AsyncSession, data: schemas.OrderCreate) -> Writ
             await _order_view(session, existing, data.customer_id), created=False, customer_ids=(customer_id,)
         )
     if data.items:
+        # The table, not the ORM class: the ORM's bulk path would also fetch every new item's id, unused here.
         await session.execute(
-            insert(OrderItem),
+            insert(_ITEM_TABLE),
             [
                 {
                     "order_id": order_id,
@@ -135,38 +139,150 @@ async def create_order(session: AsyncSession, data: schemas.OrderCreate) -> Writ
 async def create_orders_batch(
     session: AsyncSession, raw_orders: Sequence[Any]
 ) -> tuple[schemas.OrderBatchResult, set[int]]:
-    """Each order in its own savepoint: one bad order rolls back alone and never rejects the others.
+    """Validate every order, then write the valid ones together; one bad order never rejects the others.
 
-    Returns the result and the customers with new orders, to be re-scored once for the whole batch.
+    The outcome of each order is what posting them one by one, in order, would give: the first occurrence of a new
+    order id is created (201); a later one in the batch, or an id already stored, is a replay (200) when its
+    content is the same and a conflict (409) otherwise. Returns the result and the customers with new orders, to
+    be re-scored once for the whole batch.
     """
-    results: list[schemas.BatchItemResult] = []
-    affected: set[int] = set()
-    created = replayed = failed = 0
+    results: list[schemas.BatchItemResult | None] = [None] * len(raw_orders)
+    valid: list[tuple[int, schemas.OrderCreate, str]] = []
     for index, raw in enumerate(raw_orders):
-        order_id = raw.get("order_id") if isinstance(raw, dict) else None
-        label = order_id if isinstance(order_id, str) else None
         try:
             data = schemas.OrderCreate.model_validate(raw)
         except ValidationError as error:
+            order_id = raw.get("order_id") if isinstance(raw, dict) else None
             problem = validation_problem(error, prefix=f"orders[{index}]")
-            results.append(schemas.BatchItemResult(order_id=label, status=problem.status, problem=problem.to_dict()))
-            failed += 1
+            label = order_id if isinstance(order_id, str) else None
+            results[index] = schemas.BatchItemResult(order_id=label, status=problem.status, problem=problem.to_dict())
             continue
-        try:
-            async with session.begin_nested():
-                written = await create_order(session, data)
-        except ProblemError as problem:
-            results.append(schemas.BatchItemResult(order_id=label, status=problem.status, problem=problem.to_dict()))
-            failed += 1
-            continue
-        results.append(schemas.BatchItemResult(order_id=data.order_id, status=201 if written.created else 200))
-        if written.created:
+        valid.append((index, data, schemas.order_content_hash(data)))
+    firsts: dict[str, tuple[int, schemas.OrderCreate, str]] = {}
+    for entry in valid:
+        firsts.setdefault(entry[1].order_id, entry)
+    written = await _write_new_orders(session, list(firsts.values()))
+    affected: set[int] = set()
+    created = replayed = 0
+    for index, data, content_hash in valid:
+        order_id = data.order_id
+        if order_id in written.inserted and firsts[order_id][0] == index:
+            results[index] = schemas.BatchItemResult(order_id=order_id, status=201)
+            affected.add(written.inserted[order_id])
             created += 1
-            affected.update(written.customer_ids)
-        else:
+        elif written.stored_hashes[order_id] == content_hash:
+            results[index] = schemas.BatchItemResult(order_id=order_id, status=200)
             replayed += 1
-    result = schemas.OrderBatchResult(results=results, created=created, replayed=replayed, failed=failed)
-    return result, affected
+        else:
+            problem = _conflict("Order", order_id)
+            results[index] = schemas.BatchItemResult(
+                order_id=order_id, status=problem.status, problem=problem.to_dict()
+            )
+    final = [result for result in results if result is not None]
+    assert len(final) == len(raw_orders)  # every order has exactly one outcome
+    failed = len(final) - created - replayed
+    return schemas.OrderBatchResult(results=final, created=created, replayed=replayed, failed=failed), affected
+
+
+@dataclass(frozen=True)
+class _BatchWrite:
+    # Customer (internal id) of each order this batch inserted, by order id.
+    inserted: dict[str, int]
+    # Content hash stored for every order id of the batch, inserted now or before.
+    stored_hashes: dict[str, str]
+
+
+ORDER_COLUMNS = (
+    "external_id",
+    "customer_id",
+    "placed_at",
+    "total",
+    "refunded",
+    "currency",
+    "channel",
+    "content_hash",
+    "created_at",
+)
+ITEM_COLUMNS = ("order_id", "line_no", "sku", "category", "quantity", "unit_price")
+
+
+async def _write_new_orders(
+    session: AsyncSession, candidates: list[tuple[int, schemas.OrderCreate, str]]
+) -> _BatchWrite:
+    """Insert the orders not stored yet (one candidate per id) and their items, in a handful of statements."""
+    if not candidates:
+        return _BatchWrite({}, {})
+    wanted = [data.order_id for _index, data, _hash in candidates]
+    # Read first, so replays and conflicts of stored orders create no customer, as a single 409 creates none.
+    stored_hashes: dict[str, str] = dict(
+        (
+            await session.execute(
+                select(Order.external_id, Order.content_hash).where(in_list(session, Order.external_id, wanted))
+            )
+        ).all()
+    )
+    new = sorted(
+        (entry for entry in candidates if entry[1].order_id not in stored_hashes), key=lambda entry: entry[1].order_id
+    )
+    if not new:
+        return _BatchWrite({}, stored_hashes)
+    customers = await ensure_customers(session, (data.customer_id for _index, data, _hash in new))
+    now = utcnow()
+    connection = await session.connection()
+    inserted_ids: dict[str, int] = dict(
+        await insert_new_rows(
+            connection,
+            _ORDER_TABLE,
+            ORDER_COLUMNS,
+            [
+                (
+                    data.order_id,
+                    customers.ids[data.customer_id],
+                    data.placed_at,
+                    data.total,
+                    Decimal(0),
+                    data.currency,
+                    data.channel,
+                    content_hash,
+                    now,
+                )
+                for _index, data, content_hash in new
+            ],
+            conflict_column="external_id",
+            returning=("external_id", "id"),
+        )
+    )
+    inserted: dict[str, int] = {}
+    for _index, data, content_hash in new:
+        if data.order_id in inserted_ids:
+            inserted[data.order_id] = customers.ids[data.customer_id]
+            stored_hashes[data.order_id] = content_hash
+    # Orders a concurrent request stored between our read and our insert (ON CONFLICT waited for it to commit).
+    lost = [data.order_id for _index, data, _hash in new if data.order_id not in inserted_ids]
+    if lost:
+        stored_hashes.update(
+            (
+                await session.execute(
+                    select(Order.external_id, Order.content_hash).where(in_list(session, Order.external_id, lost))
+                )
+            ).all()
+        )
+        # A customer created here only for an order that turned out to conflict would outlive the 409.
+        unused = {customers.ids[external] for external in customers.created} - set(inserted.values())
+        if unused:
+            await session.execute(delete(Customer).where(Customer.id.in_(sorted(unused))))
+    await insert_rows(
+        connection,
+        _ITEM_TABLE,
+        ITEM_COLUMNS,
+        [
+            (inserted_ids[data.order_id], line_no, item.sku, item.category, item.quantity, item.unit_price)
+            for _index, data, _hash in new
+            if data.order_id in inserted_ids
+            for line_no, item in enumerate(data.items)
+        ],
+    )
+    return _BatchWrite(inserted, stored_hashes)
 
 
 # ---------------------------------------------------------------- refunds

@@ -7,7 +7,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from loyalty.settings import Settings
@@ -77,6 +83,22 @@ def read_only(session_maker: async_sessionmaker[AsyncSession]) -> async_sessionm
     return async_sessionmaker(
         engine.execution_options(**{READ_ONLY_OPTION: True}), expire_on_commit=False, autoflush=False
     )
+
+
+@asynccontextmanager
+async def single_statement(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection for work that is one read statement, such as checking an API key on every request.
+
+    On PostgreSQL it runs outside a transaction: a lone statement sees one snapshot either way, and the BEGIN
+    and ROLLBACK around it would be two more round trips (each a wake-up of the server process) per request.
+    On SQLite it is a read-only session's deferred transaction, which never waits for the write lock.
+    """
+    async with engine.connect() as connection:
+        if connection.dialect.name == "postgresql":
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+        else:
+            await connection.execution_options(**{READ_ONLY_OPTION: True})
+        yield connection
 
 
 @asynccontextmanager

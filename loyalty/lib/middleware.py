@@ -12,7 +12,13 @@ from typing import Any
 from litestar import Request
 from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import ScopeType
-from litestar.middleware.rate_limit import RateLimitConfig, RateLimitMiddleware, get_remote_address
+from litestar.exceptions import TooManyRequestsException
+from litestar.middleware.rate_limit import (
+    DURATION_VALUES,
+    RateLimitConfig,
+    RateLimitMiddleware,
+    get_remote_address,
+)
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from loyalty.lib.logging import request_id_var
@@ -78,14 +84,63 @@ def rate_limit_identity(request: Request[Any, Any, Any]) -> str:
 
 
 class KeyRateLimitMiddleware(RateLimitMiddleware):
-    """Litestar's limiter, plus the ``Retry-After`` header RFC 6585 asks a 429 to carry."""
+    """Litestar's fixed-window limiter and headers, counting requests instead of listing them, plus Retry-After.
 
-    def create_response_headers(self, cache_object: Any) -> dict[str, str]:
-        headers = super().create_response_headers(cache_object)
-        reset = headers.get(self.config.rate_limit_reset_header_key)
-        if reset is not None and cache_object.history and len(cache_object.history) >= self.max_requests:
-            headers["Retry-After"] = str(max(1, int(reset)))
-        return headers
+    Litestar keeps one timestamp per request in the store and decodes and re-encodes the whole list on every
+    request, though only its length is ever read: with the default limit that is thousands of numbers per request.
+    A count and the window's end say the same in a few bytes, in the same store (so it can still be Redis).
+    """
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = scope["litestar_app"]
+        request: Request[Any, Any, Any] = app.request_class(scope)
+        if await self.should_check_request(request=request):
+            store = self.config.get_store_from_app(app)
+            key = self.cache_key_from_request(request)
+            async with self._lock:
+                now = int(time.time())
+                count, reset = _decode_window(await store.get(key), now)
+                if reset <= now:
+                    count, reset = 0, now + DURATION_VALUES[self.unit]
+                if count >= self.max_requests:
+                    headers = self._window_headers(count, reset, now)
+                    headers["Retry-After"] = str(max(1, reset - now))
+                    raise TooManyRequestsException(headers=headers if self.config.set_rate_limit_headers else None)
+                count += 1
+                await store.set(key, f"{count}:{reset}", expires_in=max(1, reset - now))
+            if self.config.set_rate_limit_headers:
+                send = self._send_with_headers(send, self._window_headers(count, reset, now))
+        await self.app(scope, receive, send)
+
+    def _window_headers(self, count: int, reset: int, now: int) -> dict[str, str]:
+        config = self.config
+        return {
+            config.rate_limit_policy_header_key: f"{self.max_requests}; w={DURATION_VALUES[self.unit]}",
+            config.rate_limit_limit_header_key: str(self.max_requests),
+            config.rate_limit_remaining_header_key: str(max(0, self.max_requests - count)),
+            config.rate_limit_reset_header_key: str(reset - now),
+        }
+
+    @staticmethod
+    def _send_with_headers(send: Send, headers: dict[str, str]) -> Send:
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                response_headers = MutableScopeHeaders(message)
+                for name, value in headers.items():
+                    response_headers[name] = value
+            await send(message)
+
+        return send_with_headers
+
+
+def _decode_window(stored: bytes | None, now: int) -> tuple[int, int]:
+    """(requests so far, end of the window) from the store; an absent or unreadable entry starts a new window."""
+    count, _sep, reset = (stored or b"").partition(b":")
+    try:
+        return int(count), int(reset)
+    except ValueError:
+        return 0, now
 
 
 def rate_limit_config(requests_per_minute: int) -> RateLimitConfig:

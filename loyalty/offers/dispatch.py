@@ -8,11 +8,13 @@ campaign and customer: a retry, and every occurrence of a recurring campaign, ma
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, text, update
+from sqlalchemy import TextClause, bindparam, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.db.dialect import insert_ignoring_conflicts, is_postgres, json_object_sql, random_code_sql
@@ -30,21 +32,35 @@ logger = logging.getLogger("loyalty.offers")
 # The split hashes (customer, campaign) onto 0..HASH_MODULUS-1; a customer is in the holdout below the cut.
 HASH_MODULUS = 1_000_003
 SENDS_PER_POLL = 10
+# Negative: in KiB, as SQLite's PRAGMA cache_size takes it.
+SQLITE_SEND_CACHE_KIB = -64 * 1024
 
-_MEMBERS_SQL = """
-INSERT INTO campaign_member (send_id, customer_id, campaign_id, holdout)
-SELECT CAST(:send_id AS BIGINT), c.id, CAST(:campaign_id AS BIGINT),
+# Who a send reaches, and on which side of the split. The scores are joined only for a campaign with a score
+# filter: scores are 0-100, so an unset filter (">= 0") passes everyone, and the join would read every score row.
+_ELIGIBLE_SQL = """
+SELECT c.id AS customer_id, c.external_id,
        CASE WHEN (c.id * 2654435761 + CAST(:campaign_id AS BIGINT) * 97531) % {modulus} < :holdout_cut
-            THEN {true} ELSE {false} END
-FROM customer c
-JOIN customer_tier t ON t.customer_id = c.id
-LEFT JOIN customer_score s ON s.customer_id = c.id
+            THEN {true} ELSE {false} END AS holdout
+FROM customer_tier t
+JOIN customer c ON c.id = t.customer_id
+{score_join}
 WHERE t.tier IN :tiers
   AND NOT c.marketing_opt_out
   AND c.external_id IS NOT NULL
-  AND COALESCE(s.value_score, 0) >= :min_value
-  AND COALESCE(s.frequency_score, 0) >= :min_frequency
-  AND COALESCE(s.influence_score, 0) >= :min_influence
+  {score_filters}
+"""
+
+SCORE_FILTERS = (
+    ("min_value_score", "value_score"),
+    ("min_frequency_score", "frequency_score"),
+    ("min_influence_score", "influence_score"),
+)
+
+_MEMBERS_SQL = """
+INSERT INTO campaign_member (send_id, customer_id, campaign_id, holdout)
+SELECT CAST(:send_id AS BIGINT), e.customer_id, CAST(:campaign_id AS BIGINT), e.holdout
+FROM ({eligible}) e
+WHERE 1 = 1 -- SQLite reads "FROM ... ON" as a join without a WHERE in between
 ON CONFLICT (send_id, customer_id) DO NOTHING
 """
 
@@ -64,6 +80,83 @@ FROM issued_code ic JOIN customer c ON c.id = ic.customer_id
 WHERE ic.send_id = :send_id
 ON CONFLICT (dedupe_key) DO NOTHING
 """
+
+# PostgreSQL does all three in one statement: each step feeds on the rows the previous one actually inserted, so
+# nothing is read back. That is exact, not an approximation of the three statements above: members, their codes and
+# the codes' events are only ever written together in one transaction, so a member that already exists (a retry,
+# or a concurrent dispatcher that committed first; ON CONFLICT waits for it) already has its code and event.
+_ISSUE_ALL_SQL = """
+WITH eligible AS MATERIALIZED ({eligible}),
+members AS (
+    INSERT INTO campaign_member (send_id, customer_id, campaign_id, holdout)
+    SELECT CAST(:send_id AS BIGINT), e.customer_id, CAST(:campaign_id AS BIGINT), e.holdout
+    FROM eligible e
+    ON CONFLICT (send_id, customer_id) DO NOTHING
+    RETURNING customer_id, holdout
+),
+codes AS (
+    INSERT INTO issued_code (code, offer_id, customer_id, campaign_id, send_id, issued_at, expires_at, uses_left,
+                             status)
+    SELECT {code}, CAST(:offer_id AS BIGINT), m.customer_id, CAST(:campaign_id AS BIGINT),
+           CAST(:send_id AS BIGINT), :now, :expires_at, :uses, 'active'
+    FROM members m
+    WHERE NOT m.holdout
+    ON CONFLICT (send_id, customer_id) DO NOTHING
+    RETURNING code, offer_id, customer_id, campaign_id, issued_at
+)
+INSERT INTO outbox_event (event_type, customer_id, dedupe_key, occurred_at, payload, created_at)
+SELECT 'offer.issued', ic.customer_id, 'offer.issued:' || ic.code, ic.issued_at, {payload}, :now
+FROM codes ic JOIN eligible c ON c.customer_id = ic.customer_id
+ON CONFLICT (dedupe_key) DO NOTHING
+"""
+
+
+def _eligible_sql(session: AsyncSession, filters: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The eligible-customers query for a campaign's filters, with the parameters of its score filters."""
+    true, false = ("TRUE", "FALSE") if is_postgres(session) else ("1", "0")
+    conditions, params = [], {}
+    for key, score in SCORE_FILTERS:
+        if filters.get(key):
+            conditions.append(f"AND COALESCE(s.{score}, 0) >= :{key}")
+            params[key] = filters[key]
+    sql = _ELIGIBLE_SQL.format(
+        modulus=HASH_MODULUS,
+        true=true,
+        false=false,
+        score_join="LEFT JOIN customer_score s ON s.customer_id = c.id" if conditions else "",
+        score_filters="\n  ".join(conditions),
+    )
+    return sql, params
+
+
+@asynccontextmanager
+async def _sqlite_page_cache(session: AsyncSession) -> AsyncIterator[None]:
+    """A page cache that holds the send's indexes while it writes, then the connection's own size again.
+
+    Codes and event keys are random, so each insert lands on a random page of its unique index; with SQLite's
+    default 2 MB cache those pages are read back from the OS on almost every row, which doubles a large send.
+    """
+    connection = await session.connection()
+    size = await connection.exec_driver_sql("PRAGMA cache_size")
+    previous = int(size.scalar_one())
+    await connection.exec_driver_sql(f"PRAGMA cache_size = {SQLITE_SEND_CACHE_KIB}")
+    try:
+        yield
+    finally:
+        # An invalidated connection (cancellation, a dropped link) is discarded with its cache; restoring it would
+        # only replace the error on its way out with another.
+        if not connection.invalidated:
+            await connection.exec_driver_sql(f"PRAGMA cache_size = {previous}")
+
+
+def _bound(sql: str) -> TextClause:
+    """A dispatch statement with the types of the parameters it uses; it ignores the ones it does not."""
+    typed = {
+        "tiers": bindparam("tiers", expanding=True),
+        "now": bindparam("now", type_=DateTimeUTC()),
+        "expires_at": bindparam("expires_at", type_=DateTimeUTC()),
+    }
+    return text(sql).bindparams(*(parameter for name, parameter in typed.items() if f":{name}" in sql))
 
 
 def _issued_payload(session: AsyncSession) -> str:
@@ -172,42 +265,28 @@ async def dispatch_send(session: AsyncSession, send_id: int, now: datetime | Non
             update(CampaignSend).where(CampaignSend.id == send_id).values(status="cancelled", finished_at=now)
         )
         return SendResult(send_id, 0, 0, status="cancelled")
-    filters = campaign.filters or {}
-    true, false = ("TRUE", "FALSE") if is_postgres(session) else ("1", "0")
-    members = text(_MEMBERS_SQL.format(modulus=HASH_MODULUS, true=true, false=false)).bindparams(
-        bindparam("tiers", expanding=True)
-    )
-    await session.execute(
-        members,
-        {
-            "send_id": send_id,
-            "campaign_id": campaign.id,
-            "holdout_cut": int(campaign.holdout_pct / 100.0 * HASH_MODULUS),
-            "tiers": list(campaign.tiers),
-            "min_value": filters.get("min_value_score", 0),
-            "min_frequency": filters.get("min_frequency_score", 0),
-            "min_influence": filters.get("min_influence_score", 0),
-        },
-    )
+    eligible, filter_params = _eligible_sql(session, campaign.filters or {})
+    fragments = {"eligible": eligible, "code": random_code_sql(session), "payload": _issued_payload(session)}
     expires_at = now + timedelta(days=offer.valid_days)
-    codes = text(_CODES_SQL.format(code=random_code_sql(session))).bindparams(
-        bindparam("now", type_=DateTimeUTC()), bindparam("expires_at", type_=DateTimeUTC())
-    )
-    await session.execute(
-        codes,
-        {
-            "offer_id": offer.id,
-            "campaign_id": campaign.id,
-            "send_id": send_id,
-            "now": now,
-            "expires_at": expires_at,
-            "uses": offer.uses_per_code,
-        },
-    )
-    events = text(_ISSUED_EVENTS_SQL.format(payload=_issued_payload(session))).bindparams(
-        bindparam("now", type_=DateTimeUTC())
-    )
-    await session.execute(events, {"send_id": send_id, "now": now, "expires_text": expires_at.isoformat()})
+    params = {
+        "send_id": send_id,
+        "campaign_id": campaign.id,
+        "offer_id": offer.id,
+        "holdout_cut": int(campaign.holdout_pct / 100.0 * HASH_MODULUS),
+        "tiers": list(campaign.tiers),
+        "now": now,
+        "expires_at": expires_at,
+        "expires_text": expires_at.isoformat(),
+        "uses": offer.uses_per_code,
+        **filter_params,
+    }
+    if is_postgres(session):
+        await session.execute(_bound(_ISSUE_ALL_SQL.format(**fragments)), params)
+    else:
+        # SQLite has no data-modifying WITH: members, then codes for them, then events for the codes.
+        async with _sqlite_page_cache(session):
+            for step in (_MEMBERS_SQL, _CODES_SQL, _ISSUED_EVENTS_SQL):
+                await session.execute(_bound(step.format(**fragments)), params)
     counts = dict(
         (
             await session.execute(

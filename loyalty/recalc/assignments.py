@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from loyalty.db.models import CustomerTier
 from loyalty.db.staging import EPOCH
 from loyalty.lib.money import format_money
 from loyalty.scoring.config import ScoringConfig
@@ -301,6 +302,18 @@ class Placement:
     score: dict[str, Any]
     tier: dict[str, Any]
     history: dict[str, Any] | None
+
+
+# The stored customer_tier fields the rules and the row writers read (see state_from_row), for both run kinds.
+TIER_STATE_COLUMNS = (
+    CustomerTier.tier,
+    CustomerTier.since,
+    CustomerTier.below_since,
+    CustomerTier.pinned_tier,
+    CustomerTier.pinned_until,
+    CustomerTier.pin_reason,
+    CustomerTier.updated_at,
+)
 
 
 def state_from_row(stored: Any) -> TierState:

@@ -26,6 +26,7 @@ from loyalty.lib.clock import utcnow
 from loyalty.offers.welcome import issue_welcome_offers
 from loyalty.ops import metrics
 from loyalty.recalc import runs, staged
+from loyalty.recalc.assignments import TIER_STATE_COLUMNS
 from loyalty.scoring.config import ScoringConfig
 from loyalty.scoring.figures import (
     Figures,
@@ -132,16 +133,7 @@ async def compute_population(
 
 async def _current_states(connection: AsyncConnection, low: int, high: int) -> dict[int, Any]:
     rows = await connection.execute(
-        select(
-            CustomerTier.customer_id,
-            CustomerTier.tier,
-            CustomerTier.since,
-            CustomerTier.below_since,
-            CustomerTier.pinned_tier,
-            CustomerTier.pinned_until,
-            CustomerTier.pin_reason,
-            CustomerTier.updated_at,
-        ).where(CustomerTier.customer_id.between(low, high))
+        select(CustomerTier.customer_id, *TIER_STATE_COLUMNS).where(CustomerTier.customer_id.between(low, high))
     )
     return {row.customer_id: row for row in rows}
 

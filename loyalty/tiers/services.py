@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from loyalty.db.dialect import bulk_upsert
 from loyalty.db.models import Customer, CustomerScore, CustomerTier, RecalcRun, TierHistory
@@ -75,10 +75,10 @@ def badge_from_row(tiers: TiersConfig, external_id: str, row: Any) -> schemas.Ti
     )
 
 
-async def badge(session: AsyncSession, tiers: TiersConfig, external_id: str) -> schemas.TierBadge:
+async def badge(reader: AsyncSession | AsyncConnection, tiers: TiersConfig, external_id: str) -> schemas.TierBadge:
     """One indexed read: the customer's unique id joined to their tier row by primary key."""
     row = (
-        await session.execute(
+        await reader.execute(
             select(
                 Customer.created_at,
                 CustomerTier.tier,

@@ -31,7 +31,7 @@ class Order(IdMixin, CreatedAtMixin, Base):
     # Kept on the order so that "refunds never exceed the total" is one conditional UPDATE, safe under races.
     refunded: Mapped[Decimal] = mapped_column(Money(), nullable=False, default=Decimal(0), server_default="0")
     currency: Mapped[str] = mapped_column(String(3), nullable=False)
-    channel: Mapped[str | None] = mapped_column(String(64))
+    channel: Mapped[str | None] = mapped_column(String(255))
     # SHA-256 of the canonical request, to tell a faithful replay (200) from a conflicting one (409).
     content_hash: Mapped[str] = mapped_column(String(64), nullable=False)
 

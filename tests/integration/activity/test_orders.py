@@ -163,3 +163,14 @@ async def test_fifty_concurrent_orders_for_one_customer_all_land(client, storefr
     assert [r.status_code for r in responses] == [201] * 50, [r.text for r in responses if r.status_code != 201]
     assert await count(session_maker, Order) == 50
     assert await count(session_maker, Customer) == 1
+
+
+async def test_a_channel_as_long_as_the_api_allows_is_stored(client, storefront) -> None:
+    # The API accepts labels of up to 255 characters; the column once held 64, which PostgreSQL refused with a 500.
+    channel = "c" * 255
+    created = await client.post("/v1/orders", json=order(channel=channel), headers=storefront)
+    assert created.status_code == 201, created.text
+    assert created.json()["channel"] == channel
+    too_long = await client.post("/v1/orders", json=order("o-2", channel="c" * 256), headers=storefront)
+    assert too_long.status_code == 422
+    assert too_long.json()["errors"][0]["field"] == "channel"

@@ -131,5 +131,5 @@ async def test_two_replicas_run_each_scheduled_recalculation_once(database, sett
     assert all(count == 1 for count in per_period.values()), per_period
     finished = [row for row in rows if row.status == "succeeded"]
     assert len(finished) >= 2, rows
-    assert all(row.attempts == 1 for row in rows)
+    assert all(row.attempts == 1 for row in rows), rows
     assert not [row for row in rows if row.status == "failed"]

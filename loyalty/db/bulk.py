@@ -1,0 +1,104 @@
+"""Set-based statements over many rows, in the form each database runs fastest.
+
+PostgreSQL receives a whole column of values as one array parameter (``= ANY(:ids)``, ``unnest``), so a statement
+over 5,000 rows is one short, prepared-once statement instead of 5,000 bound parameters rendered into SQL text.
+SQLite has no arrays; it gets the portable forms (``IN (...)``, a multi-row ``INSERT``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import ColumnElement, Table, any_, bindparam, insert
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
+
+
+def in_list(session: AsyncSession, column: InstrumentedAttribute[Any], values: Sequence[Any]) -> ColumnElement[bool]:
+    """``column IN values``; on PostgreSQL ``column = ANY(:array)``, one prepared statement whatever the count."""
+    if session.get_bind().dialect.name == "postgresql":
+        return column == any_(bindparam(None, list(values), type_=postgresql.ARRAY(column.type)))
+    return column.in_(values)
+
+
+def _storage_form(
+    dialect: Dialect, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> list[list[Any]]:
+    """Each column's values as the driver receives them (money as integers, times in UTC), one list per column."""
+    arrays: list[list[Any]] = []
+    for position, name in enumerate(columns):
+        processor = table.c[name].type.bind_processor(dialect)
+        values = [row[position] for row in rows]
+        arrays.append([processor(value) for value in values] if processor else values)
+    return arrays
+
+
+async def _driver_in_transaction(connection: AsyncConnection) -> Any:
+    """The asyncpg connection under ``connection``, inside the transaction SQLAlchemy runs on it.
+
+    SQLAlchemy's adapter sends BEGIN lazily, with its first statement; a statement sent to the driver before that
+    would run outside the transaction (and commit on its own), so one cheap statement through SQLAlchemy starts it.
+    """
+    driver = (await connection.get_raw_connection()).driver_connection
+    assert driver is not None  # a checked-out connection always wraps a live asyncpg connection
+    if not driver.is_in_transaction():
+        await connection.exec_driver_sql("SELECT 1")
+    return driver
+
+
+async def insert_new_rows(
+    connection: AsyncConnection,
+    table: Table,
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    conflict_column: str,
+    returning: Sequence[str],
+) -> list[tuple[Any, ...]]:
+    """``INSERT ... ON CONFLICT (conflict_column) DO NOTHING RETURNING ...``: answers the rows actually inserted.
+
+    Rows are inserted in the order given; callers sort them by key, so two transactions inserting overlapping keys
+    wait for each other in one direction only and never deadlock. On PostgreSQL each column travels as one array
+    and ``unnest`` turns them back into rows, all in one statement.
+    """
+    if not rows:
+        return []
+    dialect = connection.dialect
+    if dialect.name != "postgresql":
+        statement = (
+            sqlite.insert(table)
+            .on_conflict_do_nothing(index_elements=[conflict_column])
+            .returning(*(table.c[name] for name in returning))
+        )
+        result = await connection.execute(statement, [dict(zip(columns, row, strict=True)) for row in rows])
+        return [tuple(row) for row in result]
+    arrays = _storage_form(dialect, table, columns, rows)
+    quote = dialect.identifier_preparer.quote
+    array_types = ", ".join(
+        f"${position}::{table.c[name].type.compile(dialect=dialect)}[]"
+        for position, name in enumerate(columns, start=1)
+    )
+    # Only identifiers from the table's metadata are spliced in; every value travels as a parameter.
+    sql = (
+        f"INSERT INTO {quote(table.name)} ({', '.join(quote(table.c[name].name) for name in columns)}) "  # noqa: S608
+        f"SELECT * FROM unnest({array_types}) ON CONFLICT ({quote(table.c[conflict_column].name)}) DO NOTHING "
+        f"RETURNING {', '.join(quote(table.c[name].name) for name in returning)}"
+    )
+    driver = await _driver_in_transaction(connection)
+    return [tuple(record) for record in await driver.fetch(sql, *arrays)]
+
+
+async def insert_rows(
+    connection: AsyncConnection, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """Plain inserts of rows that cannot conflict (children of rows inserted just now): COPY on PostgreSQL."""
+    if not rows:
+        return
+    if connection.dialect.name != "postgresql":
+        await connection.execute(insert(table), [dict(zip(columns, row, strict=True)) for row in rows])
+        return
+    arrays = _storage_form(connection.dialect, table, columns, rows)
+    driver = await _driver_in_transaction(connection)
+    await driver.copy_records_to_table(table.name, columns=list(columns), records=list(zip(*arrays, strict=True)))
