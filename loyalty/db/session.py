@@ -33,6 +33,11 @@ def _configure_sqlite(engine: AsyncEngine, settings: Settings) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+        # 64 MB of page cache (grown only as the database does) instead of SQLite's 2 MB: a campaign send inserts
+        # random codes and event keys, each into a random page of its unique index, and with the default cache
+        # nearly every row reads its page back from the OS (a 200k-member send took twice as long). Set once per
+        # connection: changing it around a statement would need a restore that a cancelled task cannot safely run.
+        cursor.execute("PRAGMA cache_size=-65536")
         cursor.close()
 
     @event.listens_for(engine.sync_engine, "begin")

@@ -8,8 +8,6 @@ campaign and customer: a retry, and every occurrence of a recurring campaign, ma
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -32,8 +30,6 @@ logger = logging.getLogger("loyalty.offers")
 # The split hashes (customer, campaign) onto 0..HASH_MODULUS-1; a customer is in the holdout below the cut.
 HASH_MODULUS = 1_000_003
 SENDS_PER_POLL = 10
-# Negative: in KiB, as SQLite's PRAGMA cache_size takes it.
-SQLITE_SEND_CACHE_KIB = -64 * 1024
 
 # Who a send reaches, and on which side of the split. The scores are joined only for a campaign with a score
 # filter: scores are 0-100, so an unset filter (">= 0") passes everyone, and the join would read every score row.
@@ -127,26 +123,6 @@ def _eligible_sql(session: AsyncSession, filters: dict[str, Any]) -> tuple[str, 
         score_filters="\n  ".join(conditions),
     )
     return sql, params
-
-
-@asynccontextmanager
-async def _sqlite_page_cache(session: AsyncSession) -> AsyncIterator[None]:
-    """A page cache that holds the send's indexes while it writes, then the connection's own size again.
-
-    Codes and event keys are random, so each insert lands on a random page of its unique index; with SQLite's
-    default 2 MB cache those pages are read back from the OS on almost every row, which doubles a large send.
-    """
-    connection = await session.connection()
-    size = await connection.exec_driver_sql("PRAGMA cache_size")
-    previous = int(size.scalar_one())
-    await connection.exec_driver_sql(f"PRAGMA cache_size = {SQLITE_SEND_CACHE_KIB}")
-    try:
-        yield
-    finally:
-        # An invalidated connection (cancellation, a dropped link) is discarded with its cache; restoring it would
-        # only replace the error on its way out with another.
-        if not connection.invalidated:
-            await connection.exec_driver_sql(f"PRAGMA cache_size = {previous}")
 
 
 def _bound(sql: str) -> TextClause:
@@ -284,9 +260,8 @@ async def dispatch_send(session: AsyncSession, send_id: int, now: datetime | Non
         await session.execute(_bound(_ISSUE_ALL_SQL.format(**fragments)), params)
     else:
         # SQLite has no data-modifying WITH: members, then codes for them, then events for the codes.
-        async with _sqlite_page_cache(session):
-            for step in (_MEMBERS_SQL, _CODES_SQL, _ISSUED_EVENTS_SQL):
-                await session.execute(_bound(step.format(**fragments)), params)
+        for step in (_MEMBERS_SQL, _CODES_SQL, _ISSUED_EVENTS_SQL):
+            await session.execute(_bound(step.format(**fragments)), params)
     counts = dict(
         (
             await session.execute(

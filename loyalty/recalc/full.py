@@ -236,9 +236,14 @@ async def _compute_and_write(
                     await _finish(session, run_id, tiers, as_of, timer, population, moves)
                     await session.commit()
         finally:
-            with contextlib.suppress(DBAPIError):
-                async with connection.begin():
-                    await staged.drop_stage(connection)
+            # Not when the task is being cancelled (shutdown): a statement awaited now can wait forever on the
+            # driver adapter's lock, still held by the statement the cancellation interrupted. The next run on
+            # this connection drops the tables first anyway, and a closed connection takes them with it.
+            task = asyncio.current_task()
+            if not (task is not None and task.cancelling()) and not connection.invalidated:
+                with contextlib.suppress(DBAPIError):
+                    async with connection.begin():
+                        await staged.drop_stage(connection)
     return {"run_id": run_id, "status": "succeeded", "customers": int(figures.scored.sum())}
 
 

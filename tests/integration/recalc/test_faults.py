@@ -133,3 +133,38 @@ async def test_two_replicas_run_each_scheduled_recalculation_once(database, sett
     assert len(finished) >= 2, rows
     assert all(row.attempts == 1 for row in rows), rows
     assert not [row for row in rows if row.status == "failed"]
+
+
+async def test_a_cancelled_recalculation_ends_promptly_and_the_next_one_completes(engine, session_maker) -> None:
+    # A server shutting down cancels a run in whatever phase it is; the task must end (not hang on the driver
+    # adapter's lock with a statement in its clean-up) and leave the tiers as they were.
+    from loyalty.db.session import transaction
+    from loyalty.recalc import runs
+    from loyalty.recalc.full import execute_run
+    from loyalty.tiers.config import load_tiers
+
+    tiers = load_tiers(PROJECT_ROOT / "config" / "tiers.toml")
+    await load_demo(engine, customers=3000, seed=9)
+
+    async def start_run() -> int:
+        async with transaction(session_maker) as session:
+            run_id = await runs.enqueue_run(session, trigger="manual", as_of=None, dry_run=False)
+        async with transaction(session_maker) as session:
+            claimed = await runs.claim_next_run(session, 60)
+        assert claimed is not None
+        assert claimed.id == run_id
+        return run_id
+
+    for delay in (0.05, 0.3, 0.8):
+        run_id = await start_run()
+        task = asyncio.create_task(execute_run(session_maker, run_id, tiers, 60))
+        await asyncio.sleep(delay)
+        task.cancel()
+        done, _pending = await asyncio.wait({task}, timeout=15)
+        assert done, f"a run cancelled after {delay} s did not end"
+        # Free the slot the cancelled run held, as its lease expiring would.
+        async with transaction(session_maker) as session:
+            await runs.fail_run(session, run_id, "cancelled by the test")
+    run_id = await start_run()
+    summary = await execute_run(session_maker, run_id, tiers, 60)
+    assert summary["status"] == "succeeded"
