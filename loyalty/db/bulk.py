@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, Table, any_, bindparam, insert
+from sqlalchemy import ColumnElement, Table, any_, bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
+
+from loyalty.db.staging import driver_in_transaction, write_rows
 
 
 def in_list(session: AsyncSession, column: InstrumentedAttribute[Any], values: Sequence[Any]) -> ColumnElement[bool]:
@@ -34,19 +36,6 @@ def _storage_form(
         values = [row[position] for row in rows]
         arrays.append([processor(value) for value in values] if processor else values)
     return arrays
-
-
-async def _driver_in_transaction(connection: AsyncConnection) -> Any:
-    """The asyncpg connection under ``connection``, inside the transaction SQLAlchemy runs on it.
-
-    SQLAlchemy's adapter sends BEGIN lazily, with its first statement; a statement sent to the driver before that
-    would run outside the transaction (and commit on its own), so one cheap statement through SQLAlchemy starts it.
-    """
-    driver = (await connection.get_raw_connection()).driver_connection
-    assert driver is not None  # a checked-out connection always wraps a live asyncpg connection
-    if not driver.is_in_transaction():
-        await connection.exec_driver_sql("SELECT 1")
-    return driver
 
 
 async def insert_new_rows(
@@ -86,7 +75,7 @@ async def insert_new_rows(
         f"SELECT * FROM unnest({array_types}) ON CONFLICT ({quote(table.c[conflict_column].name)}) DO NOTHING "
         f"RETURNING {', '.join(quote(table.c[name].name) for name in returning)}"
     )
-    driver = await _driver_in_transaction(connection)
+    driver = await driver_in_transaction(connection)
     return [tuple(record) for record in await driver.fetch(sql, *arrays)]
 
 
@@ -96,9 +85,5 @@ async def insert_rows(
     """Plain inserts of rows that cannot conflict (children of rows inserted just now): COPY on PostgreSQL."""
     if not rows:
         return
-    if connection.dialect.name != "postgresql":
-        await connection.execute(insert(table), [dict(zip(columns, row, strict=True)) for row in rows])
-        return
     arrays = _storage_form(connection.dialect, table, columns, rows)
-    driver = await _driver_in_transaction(connection)
-    await driver.copy_records_to_table(table.name, columns=list(columns), records=list(zip(*arrays, strict=True)))
+    await write_rows(connection, table.name, columns, list(zip(*arrays, strict=True)))

@@ -63,12 +63,24 @@ def stored_optional_instants(postgres: bool, micros: NDArray[np.float64]) -> lis
     return values
 
 
+async def driver_in_transaction(connection: AsyncConnection) -> Any:
+    """The asyncpg connection under ``connection``, inside the transaction SQLAlchemy runs on it.
+
+    SQLAlchemy's adapter sends BEGIN lazily, with its first statement; a statement sent to the driver before that
+    would run outside the transaction (and commit on its own), so one cheap statement through SQLAlchemy starts it.
+    """
+    driver = (await connection.get_raw_connection()).driver_connection
+    assert driver is not None  # a checked-out connection always wraps a live asyncpg connection
+    if not driver.is_in_transaction():
+        await connection.exec_driver_sql("SELECT 1")
+    return driver
+
+
 async def write_rows(connection: AsyncConnection, table_name: str, columns: Sequence[str], rows: Sequence[Row]) -> None:
     """Append rows (tuples in ``columns`` order, storage form) inside the connection's current transaction."""
     batches = [rows[start : start + ROWS_PER_STATEMENT] for start in range(0, len(rows), ROWS_PER_STATEMENT)]
     if is_postgres_connection(connection):
-        driver = (await connection.get_raw_connection()).driver_connection
-        assert driver is not None  # a checked-out connection always wraps a live asyncpg connection
+        driver = await driver_in_transaction(connection)
         for batch in batches:
             # COPY runs inside the transaction SQLAlchemy has already begun on this asyncpg connection.
             await driver.copy_records_to_table(table_name, records=batch, columns=list(columns))

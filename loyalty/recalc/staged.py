@@ -19,6 +19,7 @@ import numpy as np
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from loyalty.db.models import CustomerScore, CustomerTier
 from loyalty.db.staging import (
     Row,
     is_postgres_connection,
@@ -44,52 +45,12 @@ from loyalty.tiers.rules import assign
 
 STAGE_TIER = "recalc_stage_tier"
 STAGE_SCORE = "recalc_stage_score"
-TIER_COLUMNS = (
-    "customer_id",
-    "tier",
-    "since",
-    "qualified_tier",
-    "below_since",
-    "explanation",
-    "progress",
-    "pinned_tier",
-    "pinned_until",
-    "pin_reason",
-    "updated_at",
-)
+# Every column of the two tables is written; the order is the models' own.
+TIER_COLUMNS = tuple(column.name for column in CustomerTier.__table__.columns)
 # Kept beside each staged tier row for the history and the run's moves; not columns of customer_tier.
 HISTORY_COLUMNS = ("previous_tier", "changed", "kind", "reason")
-SCORE_COLUMNS = (
-    "customer_id",
-    "run_id",
-    "as_of",
-    "computed_at",
-    "value_score",
-    "frequency_score",
-    "influence_score",
-    "paid_orders",
-    "occasions",
-    "orders_in_window",
-    "net_spend",
-    "lifetime_spend",
-    "average_order_value",
-    "first_purchase_at",
-    "last_purchase_at",
-    "days_since_last",
-    "frequency",
-    "recency_days",
-    "age_days",
-    "mean_repeat_spend",
-    "expected_purchases",
-    "p_alive",
-    "expected_spend",
-    "predicted_value",
-    "converted_referrals",
-    "referred_revenue",
-    "reviews",
-    "shares",
-    "interests",
-)
+SCORE_COLUMNS = tuple(column.name for column in CustomerScore.__table__.columns)
+_TIER_INSTANTS = ("since", "below_since", "pinned_until")
 _NO_INTERESTS = "[]"
 
 
@@ -138,19 +99,13 @@ def stage_chunk(context: RunContext, start: int, stop: int, states: dict[int, An
         decision = decide(tiers, customer_facts, raw, context.cutoffs)
         assignment = assign(tiers, state, decision, now, allow_downgrade=True, pin_reason=pin_reason)
         row = tier_row(customer_id, assignment, decision, pin_reason, now)
+        row["progress"] = json.dumps(row["progress"])
+        row["updated_at"] = now_stored
+        for name in _TIER_INSTANTS:
+            row[name] = stored_instant(postgres, row[name])
         tier_rows.append(
             (
-                customer_id,
-                row["tier"],
-                stored_instant(postgres, row["since"]),
-                row["qualified_tier"],
-                stored_instant(postgres, row["below_since"]),
-                row["explanation"],
-                json.dumps(row["progress"]),
-                row["pinned_tier"],
-                stored_instant(postgres, row["pinned_until"]),
-                row["pin_reason"],
-                now_stored,
+                *(row[name] for name in TIER_COLUMNS),
                 state.tier,
                 assignment.changed,
                 assignment.kind,
@@ -158,41 +113,35 @@ def stage_chunk(context: RunContext, start: int, stop: int, states: dict[int, An
             )
         )
     positions = np.asarray(kept, dtype=np.int64) + start
-    return StagedChunk(tier_rows, _score_rows(context, positions, now_stored))
+    return StagedChunk(tier_rows, _score_rows(context, positions))
 
 
-def _score_rows(context: RunContext, positions: np.ndarray[Any, Any], now_stored: Any) -> list[Row]:
+def _score_rows(context: RunContext, positions: np.ndarray[Any, Any]) -> list[Row]:
     if positions.size == 0:
         return []
     low, high = int(positions[0]), int(positions[-1]) + 1
-    columns = score_columns(context.figures, context.referrals, context.scores, slice(low, high))
-    selected = positions - low
-    encoded: list[list[Any]] = []
-    for name in SCORE_COLUMNS[4:-1]:
-        column = columns[name][selected]
-        if name in MONEY_SCORE_COLUMNS:
-            encoded.append(np.rint(column * STORAGE_FACTOR).astype(np.int64).tolist())
-        elif name in INSTANT_SCORE_COLUMNS:
-            encoded.append(stored_optional_instants(context.postgres, column))
-        elif column.dtype.kind == "f" and np.isnan(column).any():
-            encoded.append([None if value != value else value for value in column.tolist()])
-        else:
-            encoded.append(column.tolist())
     ids = context.figures.customer_id[positions].tolist()
-    interests = context.interests
     size = len(ids)
-    as_of_stored = stored_instant(context.postgres, context.as_of)
-    return list(
-        zip(
-            ids,
-            [context.run_id] * size,
-            [as_of_stored] * size,
-            [now_stored] * size,
-            *encoded,
-            [json.dumps(interests[i]) if i in interests else _NO_INTERESTS for i in ids],
-            strict=True,
-        )
-    )
+    interests = context.interests
+    values: dict[str, list[Any]] = {
+        "customer_id": ids,
+        "run_id": [context.run_id] * size,
+        "as_of": [stored_instant(context.postgres, context.as_of)] * size,
+        "computed_at": [stored_instant(context.postgres, context.now)] * size,
+        "interests": [json.dumps(interests[i]) if i in interests else _NO_INTERESTS for i in ids],
+    }
+    selected = positions - low
+    for name, full in score_columns(context.figures, context.referrals, context.scores, slice(low, high)).items():
+        column = full[selected]
+        if name in MONEY_SCORE_COLUMNS:
+            values[name] = np.rint(column * STORAGE_FACTOR).astype(np.int64).tolist()
+        elif name in INSTANT_SCORE_COLUMNS:
+            values[name] = stored_optional_instants(context.postgres, column)
+        elif column.dtype.kind == "f" and np.isnan(column).any():
+            values[name] = [None if value != value else value for value in column.tolist()]
+        else:
+            values[name] = column.tolist()
+    return list(zip(*(values[name] for name in SCORE_COLUMNS), strict=True))
 
 
 # ---------------------------------------------------------------- staging tables

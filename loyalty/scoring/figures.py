@@ -4,8 +4,8 @@ One statement aggregates orders (net of refunds as of the instant) into purchase
 UTC day are one occasion, valued at their sum — and joins review and share counts; the rows stream back in
 customer order into columnar arrays. An order counts as a purchase unless it was refunded in full (a
 cancellation); an order of zero value (a free item) still counts. Referral figures and top interests are two
-more set-based statements. The same code serves the full recalculation (all customers) and the real-time
-re-score (a few customers).
+more set-based statements. The same definitions serve the full recalculation (all customers; on PostgreSQL its
+paid orders are streamed by COPY and grouped in NumPy) and the real-time re-score (a few customers).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from numpy.typing import NDArray
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from loyalty.db.staging import driver_in_transaction
 from loyalty.db.types import DateTimeUTC
 from loyalty.lib.money import STORAGE_FACTOR
 from loyalty.scoring.config import ScoringConfig
@@ -42,21 +43,33 @@ _DAY_NUMBER = {
 
 # An order's net value as of the instant is its total less the refunds made by then. The order row keeps the sum of
 # all its refunds (`refunded`), so only refunds made after the instant are read back from the refund table: none at
-# all for a run as of now, which spares a join of every order with its refunds.
-_FIGURES_SQL = """
-WITH later_refunds AS (
+# all for a run as of now, which spares a join of every order with its refunds. An order counts as paid unless it
+# was refunded in full; a free order counts. One definition for both routes below ({as_of} is the parameter).
+_PAID_ORDERS_SQL = """
+SELECT o.customer_id, {day} AS day, o.total - o.refunded + COALESCE(r.amount, 0) AS value
+FROM customer_order o
+LEFT JOIN (
     SELECT order_id, CAST(SUM(amount) AS BIGINT) AS amount
-    FROM refund WHERE refunded_at > :as_of {refund_filter} GROUP BY order_id
-),
-net_orders AS (
-    SELECT o.customer_id, {day} AS day, o.total - o.refunded + COALESCE(r.amount, 0) AS value, o.total
-    FROM customer_order o LEFT JOIN later_refunds r ON r.order_id = o.id
-    WHERE o.placed_at <= :as_of {order_filter}
-),
-order_days AS (
+    FROM refund WHERE refunded_at > {as_of} {refund_filter} GROUP BY order_id
+) r ON r.order_id = o.id
+WHERE o.placed_at <= {as_of} AND (o.total - o.refunded + COALESCE(r.amount, 0) > 0 OR o.total = 0) {order_filter}
+"""
+
+_ENGAGEMENT_SQL = """
+SELECT customer_id,
+       CAST(SUM(CASE WHEN type = 'review' THEN 1 ELSE 0 END) AS BIGINT) AS reviews,
+       CAST(SUM(CASE WHEN type = 'social_share' THEN 1 ELSE 0 END) AS BIGINT) AS shares
+FROM interaction_event
+WHERE occurred_at <= {as_of} AND type IN ('review', 'social_share') {event_filter}
+GROUP BY customer_id
+"""
+
+# Paid orders grouped into purchase occasions (orders on the same UTC day are one, valued at their sum), then per
+# customer; every customer, with engagement counts, in id order.
+_FIGURES_SQL = """
+WITH order_days AS (
     SELECT customer_id, day, SUM(value) AS value, COUNT(*) AS orders
-    FROM net_orders
-    WHERE value > 0 OR total = 0
+    FROM ({paid_orders}) paid
     GROUP BY customer_id, day
 ),
 with_first AS (
@@ -73,21 +86,13 @@ purchases AS (
            SUM(CASE WHEN day >= :window_start_day THEN orders ELSE 0 END) AS orders_in_window,
            SUM(CASE WHEN day > first_day THEN value ELSE 0 END) AS repeat_spend
     FROM with_first GROUP BY customer_id
-),
-engagement AS (
-    SELECT customer_id,
-           SUM(CASE WHEN type = 'review' THEN 1 ELSE 0 END) AS reviews,
-           SUM(CASE WHEN type = 'social_share' THEN 1 ELSE 0 END) AS shares
-    FROM interaction_event
-    WHERE occurred_at <= :as_of AND type IN ('review', 'social_share') {event_filter}
-    GROUP BY customer_id
 )
 SELECT c.id, COALESCE(p.occasions, 0), COALESCE(p.paid_orders, 0), p.first_day, p.last_day,
        COALESCE(p.lifetime_spend, 0), COALESCE(p.net_spend, 0), COALESCE(p.orders_in_window, 0),
        COALESCE(p.repeat_spend, 0), COALESCE(e.reviews, 0), COALESCE(e.shares, 0)
 FROM customer c
 LEFT JOIN purchases p ON p.customer_id = c.id
-LEFT JOIN engagement e ON e.customer_id = c.id
+LEFT JOIN ({engagement}) e ON e.customer_id = c.id
 {customer_filter}
 ORDER BY c.id
 """
@@ -95,28 +100,11 @@ ORDER BY c.id
 # The full population on PostgreSQL: every paid order as (customer, UTC day, net value), streamed out with a binary
 # COPY and grouped by day and customer in NumPy. Grouping ten million orders by (customer, day) in SQL needs a sort
 # of all of them; NumPy sorts the same keys several times faster, and the rows cross the socket as fixed-width
-# binary. The same order filter and net value as _FIGURES_SQL, which stays the definition for SQLite and for the
-# real-time path (a few customers).
-_PAID_ORDERS_COPY_SQL = """
-SELECT o.customer_id, {day} AS day, o.total - o.refunded + COALESCE(r.amount, 0) AS value
-FROM customer_order o
-LEFT JOIN (
-    SELECT order_id, CAST(SUM(amount) AS BIGINT) AS amount FROM refund WHERE refunded_at > $1 GROUP BY order_id
-) r ON r.order_id = o.id
-WHERE o.placed_at <= $1 AND (o.total - o.refunded + COALESCE(r.amount, 0) > 0 OR o.total = 0)
-"""
-
-_ENGAGEMENT_SQL = """
-SELECT c.id, CAST(COALESCE(e.reviews, 0) AS BIGINT), CAST(COALESCE(e.shares, 0) AS BIGINT)
+# binary. _FIGURES_SQL stays the form for SQLite and for the real-time path (a few customers).
+_EVERY_CUSTOMER_ENGAGEMENT_SQL = """
+SELECT c.id, COALESCE(e.reviews, 0), COALESCE(e.shares, 0)
 FROM customer c
-LEFT JOIN (
-    SELECT customer_id,
-           SUM(CASE WHEN type = 'review' THEN 1 ELSE 0 END) AS reviews,
-           SUM(CASE WHEN type = 'social_share' THEN 1 ELSE 0 END) AS shares
-    FROM interaction_event
-    WHERE occurred_at <= $1 AND type IN ('review', 'social_share')
-    GROUP BY customer_id
-) e ON e.customer_id = c.id
+LEFT JOIN ({engagement}) e ON e.customer_id = c.id
 ORDER BY c.id
 """
 
@@ -259,7 +247,14 @@ async def load_figures(
     if customer_ids is None and dialect == "postgresql":
         return await _load_all_figures_by_copy(session, as_of, config)
     day = _DAY_NUMBER[dialect].format(column="o.placed_at")
-    sql = _FIGURES_SQL.format(day=day, **_filters(customer_ids))
+    filters = _filters(customer_ids)
+    sql = _FIGURES_SQL.format(
+        paid_orders=_PAID_ORDERS_SQL.format(
+            day=day, as_of=":as_of", refund_filter=filters["refund_filter"], order_filter=filters["order_filter"]
+        ),
+        engagement=_ENGAGEMENT_SQL.format(as_of=":as_of", event_filter=filters["event_filter"]),
+        customer_filter=filters["customer_filter"],
+    )
     as_of_day = day_number(as_of)
     window_start_day = math.floor(as_of_day) - config.window_days + 1
     params: dict[str, Any] = {"as_of": as_of, "window_start_day": window_start_day}
@@ -342,11 +337,10 @@ async def _copy_columns(
 async def _load_all_figures_by_copy(session: AsyncSession, as_of: datetime, config: ScoringConfig) -> Figures:
     as_of_day = day_number(as_of)
     window_start_day = math.floor(as_of_day) - config.window_days + 1
-    connection = await session.connection()
-    driver = (await connection.get_raw_connection()).driver_connection
-    assert driver is not None  # a checked-out connection always wraps a live asyncpg connection
+    driver = await driver_in_transaction(await session.connection())
     day = _DAY_NUMBER["postgresql"].format(column="o.placed_at")
-    paid = await _copy_columns(driver, _PAID_ORDERS_COPY_SQL.format(day=day), as_of, _PAID_ORDER_FIELDS)
+    paid_sql = _PAID_ORDERS_SQL.format(day=day, as_of="$1", refund_filter="", order_filter="")
+    paid = await _copy_columns(driver, paid_sql, as_of, _PAID_ORDER_FIELDS)
     customer, days, values = paid["customer_id"], paid["day"], paid["value"]
 
     # Orders by customer, then day: the rows of one day of one customer are one purchase occasion.
@@ -370,7 +364,10 @@ async def _load_all_figures_by_copy(session: AsyncSession, as_of: datetime, conf
     buyers = occasion_customer[customer_starts]
     lifetime = per_customer(occasion_value)
 
-    engagement = await _copy_columns(driver, _ENGAGEMENT_SQL, as_of, _ENGAGEMENT_FIELDS)
+    engagement_sql = _EVERY_CUSTOMER_ENGAGEMENT_SQL.format(
+        engagement=_ENGAGEMENT_SQL.format(as_of="$1", event_filter="")
+    )
+    engagement = await _copy_columns(driver, engagement_sql, as_of, _ENGAGEMENT_FIELDS)
     ids = engagement["customer_id"]
     count = ids.size
     position = np.searchsorted(ids, buyers)
