@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import Insert, Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from loyalty.db.bulk import in_list
+from loyalty.db.bulk import in_parameter
 from loyalty.db.dialect import insert_ignoring_conflicts
 from loyalty.db.models import Customer
 from loyalty.lib.clock import utcnow
@@ -44,23 +45,19 @@ async def ensure_customers(session: AsyncSession, external_ids: Iterable[str]) -
     wanted = sorted(set(external_ids))
     if not wanted:
         return EnsuredCustomers({}, frozenset())
+    dialect = session.get_bind().dialect.name
     found: dict[str, int] = {
         str(external_id): customer_id
-        for external_id, customer_id in await session.execute(
-            select(Customer.external_id, Customer.id).where(in_list(session, Customer.external_id, wanted))
-        )
+        for external_id, customer_id in await session.execute(_ids_by_external_id(dialect), {"external_ids": wanted})
     }
     missing = [external_id for external_id in wanted if external_id not in found]
     if not missing:
         return EnsuredCustomers(found, frozenset())
     now = utcnow()
-    statement = insert_ignoring_conflicts(session, Customer, ["external_id"]).returning(
-        Customer.external_id, Customer.id
-    )
     inserted = {
         str(external_id): customer_id
         for external_id, customer_id in await session.execute(
-            statement,
+            _insert_new_customers(dialect),
             [
                 {"external_id": e, "attributes": {}, "marketing_opt_out": False, "created_at": now, "updated_at": now}
                 for e in missing
@@ -73,11 +70,20 @@ async def ensure_customers(session: AsyncSession, external_ids: Iterable[str]) -
     if raced:
         found.update(
             (str(external_id), customer_id)
-            for external_id, customer_id in await session.execute(
-                select(Customer.external_id, Customer.id).where(in_list(session, Customer.external_id, raced))
-            )
+            for external_id, customer_id in await session.execute(_ids_by_external_id(dialect), {"external_ids": raced})
         )
     return EnsuredCustomers(found, frozenset(inserted))
+
+
+# Built once per process and database kind: every order, refund and event resolves its customer through these.
+@functools.cache
+def _ids_by_external_id(dialect: str) -> Select[str | None, int]:
+    return select(Customer.external_id, Customer.id).where(in_parameter(dialect, Customer.external_id, "external_ids"))
+
+
+@functools.cache
+def _insert_new_customers(dialect: str) -> Insert:
+    return insert_ignoring_conflicts(dialect, Customer, ["external_id"]).returning(Customer.external_id, Customer.id)
 
 
 async def ensure_customer_ids(session: AsyncSession, external_ids: Iterable[str]) -> dict[str, int]:

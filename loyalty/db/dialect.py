@@ -18,15 +18,17 @@ def is_postgres(session: AsyncSession) -> bool:
 
 
 def insert_ignoring_conflicts(
-    session: AsyncSession, model: type[Base], conflict_columns: Sequence[str] | None = None
+    session: AsyncSession | str, model: type[Base], conflict_columns: Sequence[str] | None = None
 ) -> Insert:
     """``INSERT ... ON CONFLICT (cols) DO NOTHING``: the losing side of a race inserts nothing and raises nothing.
 
     Without columns, a conflict on any unique key is ignored. Both PostgreSQL and SQLite (3.24+) have the
-    statement; only the SQLAlchemy construct differs.
+    statement; only the SQLAlchemy construct differs. ``session`` may be the dialect's name, for statements built
+    once and reused.
     """
     elements = list(conflict_columns) if conflict_columns else None
-    if is_postgres(session):
+    dialect = session if isinstance(session, str) else session.get_bind().dialect.name
+    if dialect == "postgresql":
         return postgresql.insert(model).on_conflict_do_nothing(index_elements=elements)
     return sqlite.insert(model).on_conflict_do_nothing(index_elements=elements)
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, CompoundSelect, Insert, insert, select, union
+from sqlalchemy import BindParameter, CompoundSelect, Insert, Select, bindparam, insert, select, union
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
@@ -63,8 +63,10 @@ class ModelCache:
         self._model = None
 
 
-def _with_referrers(customer_ids: Sequence[int]) -> CompoundSelect[int]:
-    """The customers and up to two levels of their referrers: their influence counts these customers' spending."""
+def _customers_and_referrers() -> CompoundSelect[int]:
+    """The ``customer_ids`` and up to two levels of their referrers: their influence counts these customers'
+    spending."""
+    customer_ids: BindParameter[list[int]] = bindparam("customer_ids", expanding=True)
     first_referral, second_referral = aliased(Referral), aliased(Referral)
     return union(
         select(Customer.id).where(Customer.id.in_(customer_ids)),
@@ -75,18 +77,47 @@ def _with_referrers(customer_ids: Sequence[int]) -> CompoundSelect[int]:
     )
 
 
-async def _lock_customers(session: AsyncSession, wanted: ColumnElement[bool]) -> list[int]:
-    """Lock the customers matching ``wanted``, in id order, and answer their ids.
+@functools.cache
+def _lock_statement(postgres: bool, with_referrers: bool) -> Select[Any]:
+    """Lock the ``customer_ids`` (and, if asked, their referrers), in id order, and answer their ids.
 
     A concurrent write for the same customer then waits, and its figures include ours. Id order means two
     requests never wait on each other in a cycle. NO KEY UPDATE, not UPDATE: the order just inserted holds
     KEY SHARE on its customer (the foreign key), which UPDATE would wait on. SQLite needs no lock: every write
     transaction there already holds the database's single write lock.
+
+    Built once per process and shape, with the ids bound at execution: building the statement (aliases,
+    comparisons, the union) on every order cost more of the request than running it.
     """
+    wanted = (
+        Customer.id.in_(_customers_and_referrers())
+        if with_referrers
+        else Customer.id.in_(bindparam("customer_ids", expanding=True))
+    )
     locked = select(Customer.id).where(wanted).order_by(Customer.id)
-    if is_postgres(session):
+    if postgres:
         locked = locked.with_for_update(key_share=True, of=Customer)
-    return list((await session.scalars(locked)).all())
+    return locked
+
+
+async def _lock_customers(session: AsyncSession, customer_ids: Sequence[int], with_referrers: bool) -> list[int]:
+    statement = _lock_statement(is_postgres(session), with_referrers)
+    return list((await session.scalars(statement, {"customer_ids": list(customer_ids)})).all())
+
+
+# Each customer's stored tier and the run of their stored score, in one read (a round trip saved).
+_STORED_STATE = (
+    select(
+        Customer.id.label("customer_id"),
+        CustomerTier.customer_id.label("tier_customer_id"),
+        *TIER_STATE_COLUMNS,
+        CustomerScore.customer_id.label("score_customer_id"),
+        CustomerScore.run_id,
+    )
+    .outerjoin(CustomerTier, CustomerTier.customer_id == Customer.id)
+    .outerjoin(CustomerScore, CustomerScore.customer_id == Customer.id)
+    .where(Customer.id.in_(bindparam("customer_ids", expanding=True)))
+)
 
 
 async def rescore(
@@ -97,7 +128,7 @@ async def rescore(
     if not ids:
         return {}
     began = time.perf_counter()
-    await _lock_customers(session, Customer.id.in_(ids))
+    await _lock_customers(session, ids, with_referrers=False)
     return await _rescore_locked(session, ids, tiers, cache, began)
 
 
@@ -117,21 +148,9 @@ async def _rescore_locked(
     scores = score_inputs(figures, referrals, model.bgnbd, model.gamma_gamma, config, model.mean_order_value)
     rank_on_cutoffs(scores, figures.scored, model.cutoffs)
 
-    # Each customer's stored tier and the run of their stored score, in one read (a round trip saved).
     stored: dict[int, Any] = {}
     previous_runs: dict[int, int | None] = {}
-    for row in await session.execute(
-        select(
-            Customer.id.label("customer_id"),
-            CustomerTier.customer_id.label("tier_customer_id"),
-            *TIER_STATE_COLUMNS,
-            CustomerScore.customer_id.label("score_customer_id"),
-            CustomerScore.run_id,
-        )
-        .outerjoin(CustomerTier, CustomerTier.customer_id == Customer.id)
-        .outerjoin(CustomerScore, CustomerScore.customer_id == Customer.id)
-        .where(Customer.id.in_(ids))
-    ):
+    for row in await session.execute(_STORED_STATE, {"customer_ids": ids}):
         if row.tier_customer_id is not None:
             stored[row.customer_id] = row
         if row.score_customer_id is not None:
@@ -191,7 +210,7 @@ async def rescore_after_write(
         return {}
     began = time.perf_counter()
     # Finding the referrers and locking everyone is one statement: one round trip fewer on every order.
-    affected = await _lock_customers(session, Customer.id.in_(_with_referrers(customer_ids)))
+    affected = await _lock_customers(session, customer_ids, with_referrers=True)
     return await _rescore_locked(session, affected, tiers, cache, began)
 
 

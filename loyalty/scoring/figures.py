@@ -10,11 +10,11 @@ paid orders are streamed by COPY and grouped in NumPy) and the real-time re-scor
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -166,34 +166,34 @@ class Figures:
     def __len__(self) -> int:
         return int(self.customer_id.shape[0])
 
-    @cached_property
+    @functools.cached_property
     def scored(self) -> NDArray[np.bool_]:
         """Customers with at least one paid order: the population percentiles are taken over."""
         return self.occasions > 0
 
-    @cached_property
+    @functools.cached_property
     def frequency(self) -> FloatArray:
         return np.maximum(self.occasions - 1, 0).astype(np.float64)
 
-    @cached_property
+    @functools.cached_property
     def recency(self) -> FloatArray:
         return np.where(self.scored, self.last_day - self.first_day, 0.0)
 
-    @cached_property
+    @functools.cached_property
     def age(self) -> FloatArray:
         return np.where(self.scored, self.as_of_day - self.first_day, 0.0)
 
-    @cached_property
+    @functools.cached_property
     def mean_repeat_spend(self) -> FloatArray:
         repeats = self.frequency
         return np.divide(self.repeat_spend, repeats, out=np.zeros_like(self.repeat_spend), where=repeats > 0)
 
-    @cached_property
+    @functools.cached_property
     def average_order_value(self) -> FloatArray:
         orders = self.paid_orders.astype(np.float64)
         return np.divide(self.lifetime_spend, orders, out=np.zeros_like(self.lifetime_spend), where=orders > 0)
 
-    @cached_property
+    @functools.cached_property
     def days_since_last(self) -> FloatArray:
         return np.where(self.scored, self.as_of_day - self.last_day, np.nan)
 
@@ -219,8 +219,8 @@ def _bind_times(statement: Any) -> Any:
     )
 
 
-def _filters(customer_ids: Sequence[int] | None) -> dict[str, str]:
-    if customer_ids is None:
+def _filters(filtered: bool) -> dict[str, str]:
+    if not filtered:
         return {"refund_filter": "", "order_filter": "", "event_filter": "", "customer_filter": ""}
     return {
         "refund_filter": "AND customer_id IN :ids",
@@ -230,10 +230,40 @@ def _filters(customer_ids: Sequence[int] | None) -> dict[str, str]:
     }
 
 
-def _expanding(statement: Any, customer_ids: Sequence[int] | None) -> Any:
-    if customer_ids is None:
-        return statement
-    return statement.bindparams(bindparam("ids", expanding=True))
+def _expanding(statement: Any, filtered: bool) -> Any:
+    return statement.bindparams(bindparam("ids", expanding=True)) if filtered else statement
+
+
+@functools.cache
+def _figures_statement(dialect: str, filtered: bool) -> Any:
+    """The figures query for every customer or for an ``ids`` list, built once per process and shape.
+
+    The real-time re-score runs it on every order: formatting and parsing the SQL text anew each time cost more
+    than the database's work for one customer.
+    """
+    filters = _filters(filtered)
+    day = _DAY_NUMBER[dialect].format(column="o.placed_at")
+    sql = _FIGURES_SQL.format(
+        paid_orders=_PAID_ORDERS_SQL.format(
+            day=day, as_of=":as_of", refund_filter=filters["refund_filter"], order_filter=filters["order_filter"]
+        ),
+        engagement=_ENGAGEMENT_SQL.format(as_of=":as_of", event_filter=filters["event_filter"]),
+        customer_filter=filters["customer_filter"],
+    )
+    return _expanding(text(sql).bindparams(bindparam("as_of", type_=DateTimeUTC())), filtered)
+
+
+async def _partitions(
+    session: AsyncSession, statement: Any, params: dict[str, Any], streamed: bool
+) -> AsyncIterator[Sequence[Any]]:
+    """The result in chunks: streamed from a server-side cursor for the whole population (bounded memory), and
+    fetched in one round trip for a few customers (a cursor would add its own round trips to every order)."""
+    if not streamed:
+        yield (await session.execute(statement, params)).all()
+        return
+    result = await session.stream(statement, params)
+    async for partition in result.partitions(STREAM_CHUNK):
+        yield partition
 
 
 async def load_figures(
@@ -246,25 +276,15 @@ async def load_figures(
     dialect = session.get_bind().dialect.name
     if customer_ids is None and dialect == "postgresql":
         return await _load_all_figures_by_copy(session, as_of, config)
-    day = _DAY_NUMBER[dialect].format(column="o.placed_at")
-    filters = _filters(customer_ids)
-    sql = _FIGURES_SQL.format(
-        paid_orders=_PAID_ORDERS_SQL.format(
-            day=day, as_of=":as_of", refund_filter=filters["refund_filter"], order_filter=filters["order_filter"]
-        ),
-        engagement=_ENGAGEMENT_SQL.format(as_of=":as_of", event_filter=filters["event_filter"]),
-        customer_filter=filters["customer_filter"],
-    )
     as_of_day = day_number(as_of)
     window_start_day = math.floor(as_of_day) - config.window_days + 1
     params: dict[str, Any] = {"as_of": as_of, "window_start_day": window_start_day}
     if customer_ids is not None:
         params["ids"] = list(customer_ids)
-    statement = _expanding(text(sql).bindparams(bindparam("as_of", type_=DateTimeUTC())), customer_ids)
+    statement = _figures_statement(dialect, filtered=customer_ids is not None)
 
     chunks: list[NDArray[np.float64]] = []
-    result = await session.stream(statement, params)
-    async for partition in result.partitions(STREAM_CHUNK):
+    async for partition in _partitions(session, statement, params, streamed=customer_ids is None):
         # Money arrives as integer ten-thousandths; float64 holds them exactly up to 9e15.
         chunks.append(np.array([tuple(row) for row in partition], dtype=np.float64).reshape(-1, 11))
     table = np.concatenate(chunks) if chunks else np.zeros((0, 11))
@@ -395,23 +415,27 @@ async def _load_all_figures_by_copy(session: AsyncSession, as_of: datetime, conf
     )
 
 
+@functools.cache
+def _referral_edges_statement(filtered: bool) -> Any:
+    # With ids: the edges of the given referrers and of their referees (two levels below each).
+    sql = _REFERRALS_SQL.format(
+        filter=(
+            "AND (referrer_id IN :ids OR referrer_id IN (SELECT referee_id FROM referral WHERE referrer_id IN :ids))"
+            if filtered
+            else ""
+        )
+    )
+    return _expanding(text(sql).bindparams(bindparam("as_of", type_=DateTimeUTC())), filtered)
+
+
 async def load_referral_edges(
     session: AsyncSession, as_of: datetime, customer_ids: Sequence[int] | None = None
 ) -> tuple[IntArray, IntArray]:
     """(referrer, referee) pairs as of the instant; with ids, the edges touching those customers' two levels."""
-    if customer_ids is None:
-        sql = _REFERRALS_SQL.format(filter="")
-        params: dict[str, Any] = {"as_of": as_of}
-    else:
-        # Two levels below each given referrer.
-        sql = _REFERRALS_SQL.format(
-            filter=(
-                "AND (referrer_id IN :ids"
-                " OR referrer_id IN (SELECT referee_id FROM referral WHERE referrer_id IN :ids))"
-            )
-        )
-        params = {"as_of": as_of, "ids": list(customer_ids)}
-    statement = _expanding(text(sql).bindparams(bindparam("as_of", type_=DateTimeUTC())), customer_ids)
+    params: dict[str, Any] = {"as_of": as_of}
+    if customer_ids is not None:
+        params["ids"] = list(customer_ids)
+    statement = _referral_edges_statement(filtered=customer_ids is not None)
     rows = (await session.execute(statement, params)).all()
     edges = np.array(rows, dtype=np.int64).reshape(-1, 2)
     return edges[:, 0], edges[:, 1]
@@ -460,13 +484,18 @@ def referral_figures(
     return ReferralFigures(converted, revenue)
 
 
+@functools.cache
+def _interests_statement(filtered: bool) -> Any:
+    sql = _INTERESTS_SQL.format(filter="AND customer_id IN :ids" if filtered else "")
+    return _expanding(_bind_times(text(sql)), filtered)
+
+
 async def load_interests(
     session: AsyncSession, as_of: datetime, config: ScoringConfig, customer_ids: Sequence[int] | None = None
 ) -> dict[int, list[dict[str, Any]]]:
     """The most engaged targets of each customer in the interest window."""
     if config.top_interests == 0:
         return {}
-    sql = _INTERESTS_SQL.format(filter="" if customer_ids is None else "AND customer_id IN :ids")
     params: dict[str, Any] = {
         "as_of": as_of,
         "since": as_of - timedelta(days=config.interest_window_days),
@@ -474,10 +503,9 @@ async def load_interests(
     }
     if customer_ids is not None:
         params["ids"] = list(customer_ids)
-    statement = _expanding(_bind_times(text(sql)), customer_ids)
+    statement = _interests_statement(filtered=customer_ids is not None)
     interests: dict[int, list[dict[str, Any]]] = {}
-    result = await session.stream(statement, params)
-    async for partition in result.partitions(STREAM_CHUNK):
+    async for partition in _partitions(session, statement, params, streamed=customer_ids is None):
         for customer_id, target, engagements in partition:
             interests.setdefault(int(customer_id), []).append({"target": target, "engagements": int(engagements)})
     return interests

@@ -6,7 +6,7 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from loyalty.db.dialect import bulk_upsert
@@ -75,21 +75,18 @@ def badge_from_row(tiers: TiersConfig, external_id: str, row: Any) -> schemas.Ti
     )
 
 
+# Built once: the badge is the storefront's hottest read, and building the statement (and adapting the cached
+# compilation's result columns to a new statement object) cost more than running it.
+_BADGE_QUERY = (
+    select(Customer.created_at, CustomerTier.tier, CustomerTier.since, CustomerTier.progress, CustomerTier.pinned_until)
+    .outerjoin(CustomerTier, CustomerTier.customer_id == Customer.id)
+    .where(Customer.external_id == bindparam("external_id"))
+)
+
+
 async def badge(reader: AsyncSession | AsyncConnection, tiers: TiersConfig, external_id: str) -> schemas.TierBadge:
     """One indexed read: the customer's unique id joined to their tier row by primary key."""
-    row = (
-        await reader.execute(
-            select(
-                Customer.created_at,
-                CustomerTier.tier,
-                CustomerTier.since,
-                CustomerTier.progress,
-                CustomerTier.pinned_until,
-            )
-            .outerjoin(CustomerTier, CustomerTier.customer_id == Customer.id)
-            .where(Customer.external_id == external_id)
-        )
-    ).first()
+    row = (await reader.execute(_BADGE_QUERY, {"external_id": external_id})).first()
     if row is None:
         raise ProblemError(NOT_FOUND, f"No customer with customer_id {external_id!r}")
     return badge_from_row(tiers, external_id, row)
