@@ -7,6 +7,7 @@ campaign and customer: a retry, and every occurrence of a recurring campaign, ma
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,6 +24,7 @@ from loyalty.lib.clock import utcnow
 from loyalty.offers.services import next_fire
 from loyalty.ops import metrics
 from loyalty.recalc.runs import WORKER_ID
+from loyalty.scheduling.leases import LeaseLostError, keep_lease
 from loyalty.scheduling.timer import CronError, Job
 
 logger = logging.getLogger("loyalty.offers")
@@ -218,6 +220,17 @@ async def claim_send(session: AsyncSession, lease_seconds: float, now: datetime 
     )
 
 
+async def renew_send_lease(session: AsyncSession, send_id: int, lease_seconds: float) -> bool:
+    """Extend our claim on a running send; False once another replica has taken it over."""
+    renewed = await session.scalar(
+        update(CampaignSend)
+        .where(CampaignSend.id == send_id, CampaignSend.status == "running", CampaignSend.claimed_by == WORKER_ID)
+        .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+        .returning(CampaignSend.id)
+    )
+    return renewed is not None
+
+
 @dataclass(frozen=True)
 class SendResult:
     send_id: int
@@ -321,9 +334,16 @@ class OfferJobs:
                 send_id = await claim_send(session, self.lease_seconds)
             if send_id is None:
                 break
+            renewal = functools.partial(renew_send_lease, send_id=send_id, lease_seconds=self.lease_seconds)
             try:
-                async with transaction(self.session_maker) as session:
+                async with (
+                    keep_lease(self.session_maker, renewal, self.lease_seconds, f"send-lease-{send_id}") as lost,
+                    transaction(self.session_maker) as session,
+                ):
                     result = await dispatch_send(session, send_id)
+                    if lost.is_set():
+                        # Another replica is sending it again; its statements wait for ours, so roll back.
+                        raise LeaseLostError(f"campaign send {send_id} was taken over by another replica")
             except Exception:
                 logger.exception("campaign send failed; it will be retried", extra={"send_id": send_id})
                 metrics.record_send("failed")

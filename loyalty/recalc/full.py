@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from loyalty.offers.welcome import issue_welcome_offers
 from loyalty.ops import metrics
 from loyalty.recalc import runs, staged
 from loyalty.recalc.assignments import TIER_STATE_COLUMNS
+from loyalty.scheduling.leases import LeaseLostError, keep_lease
 from loyalty.scoring.config import ScoringConfig
 from loyalty.scoring.figures import (
     Figures,
@@ -51,10 +53,6 @@ logger = logging.getLogger("loyalty.recalc")
 WRITE_CHUNK = 5_000
 
 
-class LeaseLostError(RuntimeError):
-    """Another replica declared this run dead; it must not write."""
-
-
 @dataclass
 class PhaseTimer:
     phases: dict[str, float] = field(default_factory=dict)
@@ -66,37 +64,6 @@ class PhaseTimer:
             yield
         finally:
             self.phases[name] = round(self.phases.get(name, 0.0) + time.perf_counter() - started, 4)
-
-
-@contextlib.asynccontextmanager
-async def keep_lease(
-    session_maker: async_sessionmaker[AsyncSession], run_id: int, lease_seconds: float
-) -> AsyncIterator[asyncio.Event]:
-    """Renew the run's lease in the background; the event is set if the lease was lost."""
-    lost = asyncio.Event()
-
-    async def renew() -> None:
-        while True:
-            await asyncio.sleep(lease_seconds / 3)
-            try:
-                async with transaction(session_maker) as session:
-                    renewed = await runs.renew_lease(session, run_id, lease_seconds)
-            except DBAPIError as error:
-                # On SQLite our own write transaction holds the database's only write lock; the renewal waits
-                # for the next tick. Nothing else can fail the run meanwhile, for the same reason.
-                logger.debug("lease renewal postponed: %s", error.orig)
-                continue
-            if not renewed:
-                lost.set()
-                return
-
-    task = asyncio.create_task(renew(), name=f"recalc-lease-{run_id}")
-    try:
-        yield lost
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 @dataclass
@@ -154,7 +121,8 @@ async def execute_run(
         as_of = run.as_of or started_at
         dry_run, trigger = run.dry_run, run.trigger
     try:
-        async with keep_lease(session_maker, run_id, lease_seconds) as lease_lost:
+        renewal = functools.partial(runs.renew_lease, run_id=run_id, lease_seconds=lease_seconds)
+        async with keep_lease(session_maker, renewal, lease_seconds, f"recalc-lease-{run_id}") as lease_lost:
             summary = await _compute_and_write(
                 session_maker, run_id, tiers, as_of, started_at, dry_run, timer, lease_lost
             )

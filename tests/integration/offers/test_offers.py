@@ -7,11 +7,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from loyalty.db.models import CampaignMember, CampaignSend, Customer, CustomerTier, IssuedCode, OutboxEvent
 from loyalty.db.session import transaction
-from loyalty.offers.dispatch import claim_send, dispatch_send, schedule_due_occurrences
+from loyalty.offers.dispatch import OfferJobs, claim_send, dispatch_send, schedule_due_occurrences
 
 VIP_OFFER = {"name": "vip-15", "kind": "percent_off", "value": "15", "valid_days": 30, "min_order_total": "50.00"}
 
@@ -204,6 +204,45 @@ async def test_two_dispatchers_racing_over_one_send_issue_one_code_each(
 
     claimed = [c for c in await asyncio.gather(claimer(), claimer()) if c is not None]
     assert len(claimed) == 1
+
+
+async def test_a_send_held_up_past_its_lease_keeps_it_and_is_done_once(
+    client, keys, scored_shop, session_maker, settings, database
+) -> None:
+    if database.dialect != "postgresql":
+        pytest.skip("a send is taken over only by a concurrent writer (another replica): PostgreSQL")
+    marketing = keys.headers("marketing")
+    offer_id = await create_offer(client, marketing)
+    await client.post(
+        "/v1/campaigns",
+        json={"name": "slow send", "offer_id": offer_id, "tiers": ["vip", "nurture"], "send_at": soon()},
+        headers=marketing,
+    )
+    lease_seconds = 0.9
+    jobs = OfferJobs(session_maker, settings.timezone, lease_seconds)
+    # Another transaction holds the codes table, so the send's inserts wait for several of its leases.
+    async with session_maker() as blocker:
+        await blocker.execute(text("LOCK TABLE issued_code IN SHARE MODE"))
+        sending = asyncio.create_task(jobs.dispatch_due())
+        for _ in range(600):
+            async with session_maker() as session:
+                if await session.scalar(select(func.count()).where(CampaignSend.status == "running")):
+                    break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the send was not claimed within 30 s")
+        await asyncio.sleep(lease_seconds * 4)
+        # A second replica polling now finds nothing to take over: the lease was renewed while the send waited.
+        async with transaction(session_maker) as session:
+            assert await claim_send(session, lease_seconds) is None
+        await blocker.rollback()
+    summary = await asyncio.wait_for(sending, timeout=60)
+    assert [send["status"] for send in summary["sends"]] == ["done"]
+    async with session_maker() as session:
+        send = (await session.execute(select(CampaignSend.attempts, CampaignSend.status))).one()
+        codes = await session.scalar(select(func.count()).select_from(IssuedCode))
+    assert tuple(send) == (1, "done")
+    assert codes == summary["sends"][0]["issued"] > 0
 
 
 async def test_results_recover_a_known_uplift(client, keys, scored_shop, dispatch_due, session_maker) -> None:
