@@ -12,7 +12,7 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme, Tag
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.plugins.prometheus import PrometheusConfig
 from litestar.plugins.pydantic import PydanticPlugin
 from litestar.stores.memory import MemoryStore
 
@@ -25,11 +25,13 @@ from loyalty.db.session import create_engine, create_session_maker, read_only
 from loyalty.lib.errors import handle_exception, problems_reference
 from loyalty.lib.logging import configure_logging
 from loyalty.lib.middleware import RequestContextMiddleware, rate_limit_config
+from loyalty.lib.request import JsonRequest
 from loyalty.offers.controllers import CampaignController, CodeController, OfferController
 from loyalty.offers.dispatch import OfferJobs
 from loyalty.ops import metrics
 from loyalty.ops.assets import SchemaAssetsController
-from loyalty.ops.controllers import HealthController, ProblemController
+from loyalty.ops.controllers import HealthController, MetricsController, ProblemController
+from loyalty.ops.openapi import document_routes
 from loyalty.recalc.controllers import RecalculationController
 from loyalty.recalc.incremental import ModelCache
 from loyalty.recalc.jobs import RecalcJobs
@@ -106,7 +108,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         recalc_jobs = RecalcJobs(session_maker, tiers, recalc_cron, settings.recalc_lease_seconds, model_cache)
         offer_jobs = OfferJobs(session_maker, settings.timezone, settings.recalc_lease_seconds)
-        webhook_jobs = WebhookJobs(session_maker)
+        webhook_jobs = WebhookJobs(session_maker, poll_seconds=settings.poll_seconds)
         timer = Timer(
             poll_seconds=settings.poll_seconds,
             poll_jobs=recalc_jobs.poll_jobs() + offer_jobs.poll_jobs() + webhook_jobs.poll_jobs(),
@@ -121,7 +123,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         try:
             yield
         finally:
-            timer.shutdown()
+            await timer.stop()
             metrics.POOLS.forget(engine)
             await engine.dispose()
 
@@ -130,7 +132,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         route_handlers=[
             HealthController,
             ProblemController,
-            PrometheusController,
+            MetricsController,
             CustomerController,
             ReportController,
             MeController,
@@ -160,12 +162,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
         openapi_config=_openapi_config(),
         template_config=template_config(),
         lifespan=[lifespan],
+        request_class=JsonRequest,
         request_max_body_size=settings.max_body_bytes,
         stores={"rate_limit": MemoryStore()},
         debug=False,
         logging_config=None,
     )
     app = Litestar.from_config(config)
+    document_routes(app)
     app.state.settings = settings
     app.state.tiers = tiers
     app.state.secret_key = secret_key

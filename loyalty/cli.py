@@ -266,6 +266,54 @@ def recalc(as_of_text: str | None, dry_run: bool) -> None:
         sys.exit(1)
 
 
+# ---------------------------------------------------------------- doctor
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON, for monitoring.")
+@click.option(
+    "--check",
+    "only",
+    multiple=True,
+    metavar="NAME",
+    help="Run only this check (repeatable); the names are the ones the report prints.",
+)
+@click.option("--examples", default=5, show_default=True, type=click.IntRange(1, 100), help="Example ids per problem.")
+def doctor(as_json: bool, only: tuple[str, ...], examples: int) -> None:
+    """Check stored data for integrity, read-only: exit 0 when clean, 1 on any mismatch, 2 when it cannot check."""
+    from loyalty.ops.doctor import CHECK_NAMES, DoctorUnavailableError, run_doctor
+    from loyalty.tiers.config import TiersConfigError, load_tiers
+
+    unknown = [name for name in only if name not in CHECK_NAMES]
+    if unknown:
+        raise click.BadParameter(f"{unknown[0]!r} is not one of {', '.join(CHECK_NAMES)}", param_hint="--check")
+    settings = get_settings()
+    # Connecting to a missing SQLite file would create it: the doctor writes nothing, not even that.
+    if settings.sqlite_path is not None and not settings.sqlite_path.exists():
+        _fail(f"no database at {settings.sqlite_path} (LOYALTY_DATABASE_URL)")
+    try:
+        tiers = load_tiers(settings.tiers_file)
+    except TiersConfigError as error:
+        _fail(str(error))
+
+    async def work(engine: Any) -> Any:
+        return await run_doctor(
+            engine,
+            tiers,
+            currency=settings.currency,
+            model_cache_seconds=settings.poll_seconds,
+            checks=only or CHECK_NAMES,
+            examples=examples,
+        )
+
+    try:
+        report = _run(lambda: _with_engine(settings, work))
+    except DoctorUnavailableError as error:
+        _fail(str(error))
+    click.echo(json.dumps(report.as_json(), indent=2) if as_json else report.render())
+    sys.exit(0 if report.ok else 1)
+
+
 # ---------------------------------------------------------------- import
 
 

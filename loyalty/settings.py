@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     db_pool_size: int = Field(default=10, gt=0)
     db_max_overflow: int = Field(default=10, ge=0)
+    # Connecting to PostgreSQL, or waiting for a free pooled connection, gives up after this and the request
+    # answers 503 (a database that is down or restarting refuses at once; this bounds one that does not answer).
     db_timeout_seconds: float = Field(default=10.0, gt=0)
     # A request's API key is read from the database at most this often per process (0: on every request); a
     # key revoked by another process is refused within this time (at once by the process that revoked it).

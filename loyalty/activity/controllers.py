@@ -6,12 +6,23 @@ from typing import Any
 
 from litestar import Controller, Request, Response, post
 from litestar.di import NamedDependency
+from litestar.openapi import ResponseSpec
 from litestar.params import JSONBody
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.access import guards
 from loyalty.activity import schemas, services
+from loyalty.lib.errors import (
+    CONFLICT,
+    NOT_FOUND,
+    REFEREE_CLAIMED,
+    REFERRAL_CYCLE,
+    REFUND_EXCEEDS,
+    SELF_REFERRAL,
+    VALIDATION,
+    problem_responses,
+)
 from loyalty.lib.schemas import ExternalIdPath
 from loyalty.recalc import incremental
 
@@ -35,7 +46,15 @@ class OrderController(Controller):
     tags = ["storefront"]
     guards = [guards.storefront]
 
-    @post("/", operation_id="CreateOrder", status_code=HTTP_201_CREATED)
+    @post(
+        "/",
+        operation_id="CreateOrder",
+        status_code=HTTP_201_CREATED,
+        responses={
+            HTTP_200_OK: ResponseSpec(schemas.Order, description="A replay: the order as stored, unchanged."),
+            **problem_responses(CONFLICT),
+        },
+    )
     async def create_order(
         self,
         request: Request[Any, Any, Any],
@@ -61,7 +80,15 @@ class OrderController(Controller):
         await incremental.rescore_after_write(session, sorted(affected), state.tiers, state.model_cache)
         return result
 
-    @post("/{order_id:str}/refunds", operation_id="CreateRefund", status_code=HTTP_201_CREATED)
+    @post(
+        "/{order_id:str}/refunds",
+        operation_id="CreateRefund",
+        status_code=HTTP_201_CREATED,
+        responses={
+            HTTP_200_OK: ResponseSpec(schemas.Refund, description="A replay: the refund as stored, unchanged."),
+            **problem_responses(NOT_FOUND, CONFLICT, VALIDATION, REFUND_EXCEEDS),
+        },
+    )
     async def create_refund(
         self,
         request: Request[Any, Any, Any],
@@ -93,7 +120,15 @@ class ReferralController(Controller):
     tags = ["storefront"]
     guards = [guards.storefront]
 
-    @post("/", operation_id="CreateReferral", status_code=HTTP_201_CREATED)
+    @post(
+        "/",
+        operation_id="CreateReferral",
+        status_code=HTTP_201_CREATED,
+        responses={
+            HTTP_200_OK: ResponseSpec(schemas.Referral, description="A replay: the referral as stored, unchanged."),
+            **problem_responses(CONFLICT, VALIDATION, SELF_REFERRAL, REFEREE_CLAIMED, REFERRAL_CYCLE),
+        },
+    )
     async def create_referral(
         self,
         request: Request[Any, Any, Any],

@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, delete, get, post, put
 from litestar.di import NamedDependency
+from litestar.openapi import ResponseSpec
 from litestar.params import JSONBody, Parameter
 from litestar.response import Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
@@ -13,6 +14,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.access import guards
 from loyalty.customers import me, reports, schemas, services
+from loyalty.lib.errors import (
+    NOT_FOUND,
+    REFEREE_CLAIMED,
+    REFERRAL_CYCLE,
+    SELF_REFERRAL,
+    VALIDATION,
+    problem_responses,
+)
 from loyalty.lib.pagination import Cursor, Limit, Page
 from loyalty.lib.schemas import ExternalIdPath
 from loyalty.recalc import incremental
@@ -32,6 +41,11 @@ class CustomerController(Controller):
         tags=["storefront"],
         guards=[guards.storefront],
         status_code=HTTP_200_OK,
+        responses={
+            HTTP_201_CREATED: ResponseSpec(schemas.Customer, description="A new customer: the profile as created."),
+            # `referred_by` records a referral, with the referral route's refusals.
+            **problem_responses(VALIDATION, SELF_REFERRAL, REFEREE_CLAIMED, REFERRAL_CYCLE),
+        },
     )
     async def upsert_customer(
         self,
@@ -54,6 +68,7 @@ class CustomerController(Controller):
         tags=["storefront"],
         guards=[guards.storefront],
         status_code=HTTP_200_OK,
+        responses=problem_responses(NOT_FOUND),
     )
     async def create_token(
         self,
@@ -70,6 +85,7 @@ class CustomerController(Controller):
         operation_id="GetCustomer",
         tags=["marketing"],
         guards=[guards.storefront_or_marketing],
+        responses=problem_responses(NOT_FOUND),
     )
     async def get_customer(
         self,
@@ -98,6 +114,7 @@ class CustomerController(Controller):
         tags=["admin"],
         guards=[guards.admin],
         status_code=HTTP_204_NO_CONTENT,
+        responses=problem_responses(NOT_FOUND),
     )
     async def erase_customer(self, session: NamedDependency[AsyncSession], customer_id: ExternalIdPath) -> None:
         """Erase a customer's personal data; anonymised orders and aggregates are kept. Again: 404."""

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from litestar import Controller, Request, get, post
+from litestar import Controller, MediaType, Request, get, post
 from litestar.datastructures import Cookie
 from litestar.enums import RequestEncodingType
+from litestar.openapi import ResponseSpec
 from litestar.params import Body
 from litestar.plugins.jinja import JinjaTemplateEngine
 from litestar.response import Redirect, Template
@@ -92,7 +93,13 @@ class DashboardController(Controller):
     tags = ["marketing"]
     guards = [browser_session_only]
 
-    @get("/", operation_id="Dashboard", summary="The marketing dashboard (HTML; sign in with a marketing key).")
+    @get(
+        "/",
+        operation_id="Dashboard",
+        summary="The marketing dashboard (HTML; sign in with a marketing key).",
+        media_type=MediaType.HTML,
+        responses={HTTP_303_SEE_OTHER: ResponseSpec(None, description="No session: to the sign-in page.")},
+    )
     async def dashboard(self, request: Request[Any, Any, Any]) -> Template | Redirect:
         """The marketing dashboard page; without a session, a redirect to its sign-in page."""
         state = request.app.state

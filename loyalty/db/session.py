@@ -52,10 +52,15 @@ def _configure_sqlite(engine: AsyncEngine, settings: Settings) -> None:
 
 
 def create_engine(settings: Settings) -> AsyncEngine:
-    """An async engine for the configured database."""
+    """An async engine for the configured database.
+
+    Statement parameters are kept out of error messages (``hide_parameters``): an error's text reaches the logs
+    with its traceback, and the parameters of a write can be a webhook's signing secret or a customer's email.
+    """
     if settings.is_sqlite:
         engine = create_async_engine(
             settings.database_url,
+            hide_parameters=True,
             pool_size=max(2, min(settings.db_pool_size, 5)),
             max_overflow=0,
             pool_timeout=settings.db_timeout_seconds * 3,
@@ -64,9 +69,13 @@ def create_engine(settings: Settings) -> AsyncEngine:
         return engine
     return create_async_engine(
         settings.database_url,
+        hide_parameters=True,
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_timeout_seconds,
+        # No ping before each checkout: it would be one more round trip per request. After a database restart the
+        # first statement on a dead connection fails (a 503) and invalidates the whole pool, so every later checkout
+        # connects afresh (tests/integration/faults/test_postgres_restart.py).
         pool_pre_ping=False,
         connect_args={
             # Fail fast when the server is down, so callers get a 503 rather than a hung request.

@@ -30,3 +30,14 @@ def _within_bounds(value: datetime) -> datetime:
 
 # Pydantic's AwareDatetime refuses a timestamp without an offset with "Input should have timezone info".
 EventTime = Annotated[AwareDatetime, AfterValidator(_within_bounds)]
+
+
+def _plannable(value: datetime) -> datetime:
+    if not 1970 <= value.year <= 9000:
+        raise ValueError("must be a date between 1970 and 9000")
+    return value
+
+
+# An instant someone plans ahead (a campaign's send, a pin's end): far bounds that are never in the way, and keep
+# the year-9999 edge out, where converting to UTC or storing the value overflows.
+PlannedTime = Annotated[AwareDatetime, AfterValidator(_plannable)]

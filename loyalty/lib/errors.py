@@ -9,8 +9,10 @@ from typing import Any
 from litestar import Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
 from litestar.exceptions import ValidationException as LitestarValidationException
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import Example
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -191,20 +193,34 @@ def _litestar_validation_errors(exc: LitestarValidationException) -> list[FieldE
     for item in extra:
         if isinstance(item, dict):
             key = str(item.get("key") or "body")
-            parts = tuple(int(part) if part.isdigit() else part for part in key.split("."))
             message = str(item.get("message", "invalid value")).removeprefix("Value error, ")
+            if key == "data" and item.get("source") == "body":
+                # `data` is the handler's name for the whole body; a missing body surfaces as a KeyError's repr.
+                key = "body"
+                message = "a JSON body is required" if message == "'data'" else message
+            # ASCII digits only: "²".isdigit() is true, but int("²") raises (a JSON key may be any text).
+            parts = tuple(int(part) if part.isascii() and part.isdigit() else part for part in key.split("."))
             errors.append(FieldError(field_path(parts), message))
     return errors or [FieldError("body", exc.detail or "invalid request")]
 
 
 # Deadlock and serialisation failures: the transaction was rolled back whole and can simply be retried.
 _RETRYABLE_SQLSTATES = {"40001", "40P01"}
+# The server cannot serve now but will: shutting down or crashed (57P01, 57P02), starting up or still recovering
+# after a crash (57P03, "the database system is not yet accepting connections"), out of connection slots (53300).
+# The driver raises these as a plain database error; connection failures (class 08) are the same for the caller.
+_UNAVAILABLE_SQLSTATES = {"57P01", "57P02", "57P03", "53300"}
+
+
+def _sqlstate(error: DBAPIError) -> str | None:
+    original = error.orig
+    state = getattr(original, "sqlstate", None) or getattr(getattr(original, "__cause__", None), "sqlstate", None)
+    return state if isinstance(state, str) else None
 
 
 def _retryable(error: DBAPIError) -> bool:
-    original = error.orig
-    state = getattr(original, "sqlstate", None) or getattr(getattr(original, "__cause__", None), "sqlstate", None)
-    return state in _RETRYABLE_SQLSTATES
+    state = _sqlstate(error)
+    return state in _RETRYABLE_SQLSTATES or state in _UNAVAILABLE_SQLSTATES or (state or "").startswith("08")
 
 
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
@@ -241,3 +257,51 @@ def problems_reference() -> str:
     for kind in PROBLEM_KINDS.values():
         lines.append(f"| `{kind.type_uri}` | {kind.status} | {kind.description} |")
     return "\n".join(lines)
+
+
+class InvalidField(BaseModel):
+    field: str = Field(description="Where, as API.md writes fields: `items[0].quantity`.", examples=["total"])
+    message: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem document: the body of every error response (what ``ProblemError.to_dict`` writes)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(
+        description="A stable URI per kind of error, listed at `/problems`.", examples=["/problems/validation"]
+    )
+    title: str
+    status: int
+    detail: str
+    instance: str | None = Field(default=None, description="The request path.")
+    errors: list[InvalidField] | None = Field(default=None, description="For invalid input: each field at fault.")
+
+
+def problem_responses(*kinds: ProblemKind) -> dict[int, ResponseSpec]:
+    """OpenAPI responses for the problem kinds a route can answer with, grouped by status.
+
+    For a route's ``responses=``: the outcomes of its own logic (``NOT_FOUND`` for an unknown id, ``CONFLICT`` for
+    a conflicting replay, ...). A status given here replaces the generic one ``loyalty.ops.openapi`` adds, so list
+    every kind of that status the route answers with.
+    """
+    by_status: dict[int, list[ProblemKind]] = {}
+    for kind in kinds:
+        by_status.setdefault(kind.status, []).append(kind)
+    return {
+        status: ResponseSpec(
+            data_container=Problem,
+            media_type=PROBLEM_MEDIA_TYPE,
+            description="; ".join(f"`{kind.type_uri}`: {kind.description}" for kind in group),
+            generate_examples=False,
+            examples=[
+                Example(
+                    summary=kind.title,
+                    value={"type": kind.type_uri, "title": kind.title, "status": status, "detail": kind.description},
+                )
+                for kind in group
+            ],
+        )
+        for status, group in sorted(by_status.items())
+    }

@@ -60,3 +60,5 @@ def configure_logging(log_format: str = "json", level: str = "INFO") -> None:
     # The server's access lines are replaced by ours, which carry the request id and the duration.
     logging.getLogger("uvicorn.access").disabled = True
     logging.getLogger("apscheduler.executors.default").setLevel(logging.WARNING)
+    # At DEBUG the SQLite driver logs every call with its arguments: each statement's parameters, secrets included.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)

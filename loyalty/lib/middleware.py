@@ -12,7 +12,6 @@ from typing import Any
 from litestar import Request
 from litestar.datastructures import MutableScopeHeaders
 from litestar.enums import ScopeType
-from litestar.exceptions import TooManyRequestsException
 from litestar.middleware.rate_limit import (
     DURATION_VALUES,
     RateLimitConfig,
@@ -21,6 +20,7 @@ from litestar.middleware.rate_limit import (
 )
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from loyalty.lib.errors import RATE_LIMITED, ProblemError, problem_response
 from loyalty.lib.logging import request_id_var
 
 access_logger = logging.getLogger("loyalty.access")
@@ -102,15 +102,32 @@ class KeyRateLimitMiddleware(RateLimitMiddleware):
                 count, reset = _decode_window(await store.get(key), now)
                 if reset <= now:
                     count, reset = 0, now + DURATION_VALUES[self.unit]
-                if count >= self.max_requests:
-                    headers = self._window_headers(count, reset, now)
-                    headers["Retry-After"] = str(max(1, reset - now))
-                    raise TooManyRequestsException(headers=headers if self.config.set_rate_limit_headers else None)
-                count += 1
-                await store.set(key, f"{count}:{reset}", expires_in=max(1, reset - now))
+                refused = count >= self.max_requests
+                if not refused:
+                    count += 1
+                    await store.set(key, f"{count}:{reset}", expires_in=max(1, reset - now))
+            if refused:
+                await self._refuse(request, count, reset, now)(scope, receive, send)
+                return
             if self.config.set_rate_limit_headers:
                 send = self._send_with_headers(send, self._window_headers(count, reset, now))
         await self.app(scope, receive, send)
+
+    def _refuse(self, request: Request[Any, Any, Any], count: int, reset: int, now: int) -> ASGIApp:
+        """The 429 problem, sent as a response rather than raised.
+
+        This middleware runs inside the request-id and metrics middleware but outside the route's exception
+        handling: an exception raised here passes them by (so the access log said 500 and the metrics 200, and the
+        response lacked its X-Request-ID) and is turned into a response only by the app's outermost handler.
+        """
+        retry_after = max(1, reset - now)
+        headers = self._window_headers(count, reset, now) if self.config.set_rate_limit_headers else {}
+        problem = ProblemError(
+            RATE_LIMITED,
+            f"More than {self.max_requests} requests a {self.unit} with this credential; retry in {retry_after} s",
+            headers={**headers, "Retry-After": str(retry_after)},
+        )
+        return problem_response(problem, request).to_asgi_response(app=None, request=request)
 
     def _window_headers(self, count: int, reset: int, now: int) -> dict[str, str]:
         config = self.config

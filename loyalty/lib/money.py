@@ -34,15 +34,16 @@ def parse_money(value: Any) -> Decimal:
         raise ValueError('must be a decimal string such as "129.90"')
     if not amount.is_finite():
         raise ValueError("must be a finite amount")
+    # Only exact comparisons until the amount is known to be in range and precise enough: arithmetic rounds to the
+    # context's 28 digits (1.000...0001 became 1.00) and overflows on a huge exponent (1e999999999 was a 500).
     if amount < 0:
         raise ValueError("must not be negative")
-    amount = amount + 0  # "-0" is zero, and should read as "0.00"
     if amount > MAX_AMOUNT:
         raise ValueError(f"must not exceed {MAX_AMOUNT}")
     exponent = get_settings().currency_exponent
     if amount != amount.quantize(Decimal(1).scaleb(-exponent)):
         raise ValueError(f"has more than {exponent} decimal places for {get_settings().currency}")
-    return amount
+    return amount + 0  # "-0" is zero, and should read as "0.00"
 
 
 def format_money(amount: Decimal) -> str:

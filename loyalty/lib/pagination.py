@@ -14,6 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.lib.errors import field_problem
+from loyalty.lib.schemas import MAX_ID
 
 T = TypeVar("T")
 
@@ -46,7 +47,7 @@ def decode_int_cursor(cursor: str) -> int:
 
 
 # Ids in paths: positive and within a 64-bit column, so nothing out of range ever reaches the database.
-IdPath = Annotated[int, PathParameter(ge=1, le=2**63 - 1)]
+IdPath = Annotated[int, PathParameter(ge=1, le=MAX_ID)]
 
 
 async def newest_first(

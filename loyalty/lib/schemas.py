@@ -26,3 +26,5 @@ ExternalId = Annotated[str, StringConstraints(min_length=1, max_length=255, patt
 # The same rule for ids in paths, where Litestar checks its own parameter constraints.
 ExternalIdPath = Annotated[str, Parameter(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
 Label = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# Our own ids (offer_id, run_id, ...) are 64-bit columns: a larger number is refused before it reaches the database.
+MAX_ID = 2**63 - 1

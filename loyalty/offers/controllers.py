@@ -7,12 +7,26 @@ from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.di import NamedDependency
+from litestar.openapi import ResponseSpec
 from litestar.params import JSONBody, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.access import guards
-from loyalty.lib.errors import field_problem
+from loyalty.lib.errors import (
+    CAMPAIGN_FINISHED,
+    CODE_BELOW_MINIMUM,
+    CODE_EXPIRED,
+    CODE_NOT_THEIRS,
+    CODE_UNKNOWN,
+    CODE_USED_UP,
+    CONFLICT,
+    NOT_FOUND,
+    OFFER_NAME_TAKEN,
+    VALIDATION,
+    field_problem,
+    problem_responses,
+)
 from loyalty.lib.money import parse_money
 from loyalty.lib.pagination import Cursor, IdPath, Limit, Page
 from loyalty.offers import redemptions, results, schemas, services
@@ -23,7 +37,7 @@ class OfferController(Controller):
     tags = ["marketing"]
     guards = [guards.marketing]
 
-    @post("/", operation_id="CreateOffer", status_code=HTTP_201_CREATED)
+    @post("/", operation_id="CreateOffer", status_code=HTTP_201_CREATED, responses=problem_responses(OFFER_NAME_TAKEN))
     async def create_offer(
         self, session: NamedDependency[AsyncSession], data: JSONBody[schemas.OfferCreate]
     ) -> schemas.Offer:
@@ -37,7 +51,7 @@ class OfferController(Controller):
         """Offers, newest first."""
         return await services.list_offers(session, limit, cursor)
 
-    @get("/{offer_id:int}", operation_id="GetOffer")
+    @get("/{offer_id:int}", operation_id="GetOffer", responses=problem_responses(NOT_FOUND))
     async def get_offer(self, session: NamedDependency[AsyncSession], offer_id: IdPath) -> schemas.Offer:
         """One offer."""
         return await services.get_offer(session, offer_id)
@@ -65,17 +79,22 @@ class CampaignController(Controller):
         """Campaigns, newest first, with status, next send, counts and the lateness of past sends."""
         return await services.list_campaigns(session, limit, cursor)
 
-    @get("/{campaign_id:int}", operation_id="GetCampaign")
+    @get("/{campaign_id:int}", operation_id="GetCampaign", responses=problem_responses(NOT_FOUND))
     async def get_campaign(self, session: NamedDependency[AsyncSession], campaign_id: IdPath) -> schemas.Campaign:
         """One campaign with its sends."""
         return await services.get_campaign(session, campaign_id)
 
-    @post("/{campaign_id:int}/cancel", operation_id="CancelCampaign", status_code=HTTP_200_OK)
+    @post(
+        "/{campaign_id:int}/cancel",
+        operation_id="CancelCampaign",
+        status_code=HTTP_200_OK,
+        responses=problem_responses(NOT_FOUND, CAMPAIGN_FINISHED),
+    )
     async def cancel_campaign(self, session: NamedDependency[AsyncSession], campaign_id: IdPath) -> schemas.Campaign:
         """Stop future sends (codes already issued stay valid); a finished campaign is a 409."""
         return await services.cancel_campaign(session, campaign_id)
 
-    @get("/{campaign_id:int}/results", operation_id="GetCampaignResults")
+    @get("/{campaign_id:int}/results", operation_id="GetCampaignResults", responses=problem_responses(NOT_FOUND))
     async def get_results(self, session: NamedDependency[AsyncSession], campaign_id: IdPath) -> schemas.CampaignResults:
         """Redemptions and incremental revenue per customer against the holdout, with a 95% interval.
 
@@ -94,7 +113,7 @@ class CodeController(Controller):
     tags = ["storefront"]
     guards = [guards.storefront]
 
-    @get("/codes/{code:str}", operation_id="CheckCode")
+    @get("/codes/{code:str}", operation_id="CheckCode", responses=problem_responses(CODE_UNKNOWN))
     async def check_code(
         self,
         session: NamedDependency[AsyncSession],
@@ -114,7 +133,17 @@ class CodeController(Controller):
                 raise field_problem("order_total", str(error)) from None
         return await redemptions.check_code(session, code, customer_id, total)
 
-    @post("/redemptions", operation_id="Redeem", status_code=HTTP_201_CREATED)
+    @post(
+        "/redemptions",
+        operation_id="Redeem",
+        status_code=HTTP_201_CREATED,
+        responses={
+            HTTP_200_OK: ResponseSpec(schemas.Redemption, description="A replay for the same order: the redemption."),
+            **problem_responses(
+                CODE_UNKNOWN, CODE_USED_UP, CONFLICT, VALIDATION, CODE_NOT_THEIRS, CODE_EXPIRED, CODE_BELOW_MINIMUM
+            ),
+        },
+    )
     async def redeem(
         self, session: NamedDependency[AsyncSession], data: JSONBody[schemas.RedemptionCreate]
     ) -> Response[schemas.Redemption]:
@@ -122,7 +151,12 @@ class CodeController(Controller):
         redemption, created = await redemptions.redeem(session, data)
         return Response(redemption, status_code=HTTP_201_CREATED if created else HTTP_200_OK)
 
-    @delete("/redemptions/{redemption_id:int}", operation_id="VoidRedemption", status_code=HTTP_204_NO_CONTENT)
+    @delete(
+        "/redemptions/{redemption_id:int}",
+        operation_id="VoidRedemption",
+        status_code=HTTP_204_NO_CONTENT,
+        responses=problem_responses(NOT_FOUND),
+    )
     async def void_redemption(self, session: NamedDependency[AsyncSession], redemption_id: IdPath) -> None:
         """Void a redemption (the order was cancelled): the use comes back."""
         await redemptions.void(session, redemption_id)

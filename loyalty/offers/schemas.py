@@ -6,10 +6,11 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Literal
 
-from pydantic import AwareDatetime, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from loyalty.lib.clock import PlannedTime
 from loyalty.lib.money import Money
-from loyalty.lib.schemas import ExternalId, Schema
+from loyalty.lib.schemas import MAX_ID, ExternalId, Schema
 from loyalty.tiers.config import TierId
 
 OfferKind = Literal["percent_off", "amount_off", "free_shipping", "gift"]
@@ -54,10 +55,10 @@ class Filters(Schema):
 
 
 class CampaignCreate(Schema):
-    name: str = Field(min_length=1, max_length=200)
-    offer_id: int = Field(ge=1)
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+    offer_id: int = Field(ge=1, le=MAX_ID)
     tiers: list[TierId] = Field(min_length=1, max_length=4)
-    send_at: AwareDatetime | None = None
+    send_at: PlannedTime | None = None
     cron: str | None = Field(default=None, max_length=100, description="Five crontab fields, or six with seconds.")
     holdout_pct: float = Field(default=10.0, ge=0, le=50)
     filters: Filters = Filters()
@@ -137,7 +138,8 @@ class CodeCheck(Schema):
 
 
 class RedemptionCreate(Schema):
-    code: str = Field(min_length=1, max_length=32)
+    # No control characters: PostgreSQL text cannot hold NUL, so one would fail the lookup instead of finding nothing.
+    code: str = Field(min_length=1, max_length=32, pattern=r"^[^\x00-\x1f\x7f]+$")
     customer_id: ExternalId
     order_id: ExternalId
     order_total: Money

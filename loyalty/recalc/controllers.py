@@ -11,6 +11,7 @@ from litestar.status_codes import HTTP_202_ACCEPTED
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.access import guards
+from loyalty.lib.errors import NOT_FOUND, RUN_IN_PROGRESS, problem_responses
 from loyalty.lib.pagination import Cursor, IdPath, Limit, Page
 from loyalty.recalc import schemas, services
 
@@ -20,7 +21,12 @@ class RecalculationController(Controller):
     tags = ["marketing"]
     guards = [guards.marketing]
 
-    @post("/", operation_id="RequestRecalculation", status_code=HTTP_202_ACCEPTED)
+    @post(
+        "/",
+        operation_id="RequestRecalculation",
+        status_code=HTTP_202_ACCEPTED,
+        responses=problem_responses(RUN_IN_PROGRESS),
+    )
     async def request_recalculation(
         self,
         request: Request[Any, Any, Any],
@@ -41,7 +47,7 @@ class RecalculationController(Controller):
         """Recalculation runs, newest first."""
         return await services.list_runs(session, limit, cursor)
 
-    @get("/{run_id:int}", operation_id="GetRecalculation")
+    @get("/{run_id:int}", operation_id="GetRecalculation", responses=problem_responses(NOT_FOUND))
     async def get_recalculation(self, session: NamedDependency[AsyncSession], run_id: IdPath) -> schemas.Run:
         """One run: trigger, status, phases, counts, move matrix, fitted model."""
         return await services.get_run(session, run_id)

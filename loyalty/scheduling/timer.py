@@ -6,6 +6,8 @@ database and is claimed with leases, so any number of replicas can run the same 
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -59,6 +61,11 @@ async def _run_logged(job: Job) -> None:
     started = time.perf_counter()
     try:
         result = await job.run()
+    except asyncio.CancelledError:
+        # The timer is stopping (a server shutting down) mid-job. Its work stays in the database, due or under a
+        # lease, for the next start or another replica: no error, and APScheduler must not log one either.
+        logger.info("job cancelled", extra={"job": job.name})
+        return
     except Exception:
         # A failing job must not stop the timer; its work stays in the database for the next tick.
         logger.exception("job failed", extra={"job": job.name})
@@ -81,9 +88,10 @@ class Timer:
         timezone: str = "UTC",
     ) -> None:
         self._scheduler = AsyncIOScheduler(timezone=ZoneInfo(timezone))
+        self._running_jobs: set[asyncio.Task[Any]] = set()
         for job in poll_jobs:
             self._scheduler.add_job(
-                _run_logged,
+                self._run,
                 IntervalTrigger(seconds=poll_seconds),
                 args=[job],
                 id=job.name,
@@ -98,7 +106,7 @@ class Timer:
             # A busy event loop may start a cron job late; within the hour it still runs (its period key
             # keeps a late start from running twice).
             self._scheduler.add_job(
-                _run_logged,
+                self._run,
                 cron,
                 args=[job],
                 id=job.name,
@@ -119,14 +127,42 @@ class Timer:
         """Bring a job's next run forward to now (e.g. a run was just queued); a no-op when stopped."""
         job = self._scheduler.get_job(name)
         if job is not None and self._scheduler.running:
-            job.modify(next_run_time=datetime.now(self._scheduler.timezone))
+            # In a fresh context: the scheduler's wake-up callback, and every job and wake-up after it, would
+            # otherwise inherit the caller's context variables, stamping its request id on unrelated log lines.
+            contextvars.Context().run(job.modify, next_run_time=datetime.now(self._scheduler.timezone))
 
     def start(self) -> None:
         self._scheduler.start()
 
-    def shutdown(self) -> None:
+    async def _run(self, job: Job) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._running_jobs.add(task)
+        try:
+            await _run_logged(job)
+        finally:
+            self._running_jobs.discard(task)
+
+    async def stop(self, grace_seconds: float = 10.0) -> None:
+        """Start no more jobs, cancel the running ones and wait (at most ``grace_seconds``) until they have ended.
+
+        Their work stays in the database, due or under a lease, for the next start or another replica. Waiting
+        matters: a job still winding down (rolling back, returning its connection) when the event loop is torn
+        down is cancelled a second time mid-clean-up, and a SQLite connection closed that way can wait forever
+        for its worker thread, so the process never exits.
+        """
         if self._scheduler.running:
+            # APScheduler cancels the jobs it is running; it does not wait for them.
             self._scheduler.shutdown(wait=False)
+        running = list(self._running_jobs)
+        for task in running:
+            # Only once: a second cancellation would interrupt the clean-up the first one started.
+            if not task.cancelling():
+                task.cancel()
+        if running:
+            _done, still_running = await asyncio.wait(running, timeout=grace_seconds)
+            if still_running:
+                logger.warning("jobs still running at shutdown", extra={"jobs": len(still_running)})
 
 
 def current_fire_time(trigger: CronTrigger, now: datetime) -> datetime:

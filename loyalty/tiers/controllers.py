@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.access import guards
 from loyalty.db.session import single_statement
-from loyalty.lib.errors import VALIDATION, FieldError, ProblemError
+from loyalty.lib.errors import NOT_FOUND, VALIDATION, FieldError, ProblemError, problem_responses
 from loyalty.lib.schemas import ExternalIdPath
 from loyalty.recalc import incremental
 from loyalty.tiers import schemas, services
@@ -24,14 +24,27 @@ CustomerIdParam = Parameter(description="The storefront's customer id.")
 class CustomerTierController(Controller):
     path = "/v1/customers/{customer_id:str}"
 
-    @get("/tier", operation_id="GetTierBadge", tags=["storefront"], guards=[guards.storefront])
+    @get(
+        "/tier",
+        operation_id="GetTierBadge",
+        tags=["storefront"],
+        guards=[guards.storefront],
+        responses=problem_responses(NOT_FOUND),
+    )
     async def get_badge(self, request: Request[Any, Any, Any], customer_id: ExternalIdPath) -> schemas.TierBadge:
         """The tier badge: tier, benefits and progress to the next tier (one indexed read)."""
         # The storefront's hottest read is one statement: no session and no BEGIN/COMMIT round trips around it.
         async with single_statement(request.app.state.engine) as connection:
             return await services.badge(connection, request.app.state.tiers, customer_id)
 
-    @put("/tier-pin", operation_id="PinTier", tags=["marketing"], guards=[guards.marketing], status_code=HTTP_200_OK)
+    @put(
+        "/tier-pin",
+        operation_id="PinTier",
+        tags=["marketing"],
+        guards=[guards.marketing],
+        status_code=HTTP_200_OK,
+        responses=problem_responses(NOT_FOUND),
+    )
     async def pin_tier(
         self,
         request: Request[Any, Any, Any],
@@ -48,6 +61,8 @@ class CustomerTierController(Controller):
         tags=["marketing"],
         guards=[guards.marketing],
         status_code=HTTP_204_NO_CONTENT,
+        # Also for a customer without a pin.
+        responses=problem_responses(NOT_FOUND),
     )
     async def unpin_tier(
         self, request: Request[Any, Any, Any], session: NamedDependency[AsyncSession], customer_id: ExternalIdPath

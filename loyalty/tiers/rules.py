@@ -642,6 +642,13 @@ def _is_configured(config: TiersConfig, tier_id: str) -> bool:
     return tier_id in _rules_for(config).order
 
 
+def pin_in_force(config: TiersConfig, pinned_tier: str | None, pinned_until: datetime | None, now: datetime) -> bool:
+    """A pin holds while it has not expired (one without an end never does) and names a tier the config defines."""
+    return (
+        pinned_tier is not None and _is_configured(config, pinned_tier) and (pinned_until is None or pinned_until > now)
+    )
+
+
 def assign(
     config: TiersConfig,
     current: TierState,
@@ -676,7 +683,7 @@ def assign(
     """
     pinned_tier, pinned_until = current.pinned_tier, current.pinned_until
     if pinned_tier is not None:
-        if _is_configured(config, pinned_tier) and (pinned_until is None or pinned_until > now):
+        if pin_in_force(config, pinned_tier, pinned_until, now):
             return _pinned(current, pinned_tier, pinned_until, now, pin_reason)
         expired = _pin_expired(config, current, decision, now)
         if expired is not None:
@@ -778,6 +785,7 @@ __all__ = [
     "evaluate",
     "evaluate_many",
     "phrase_missing",
+    "pin_in_force",
     "progress_for",
     "rank",
     "rank_many",

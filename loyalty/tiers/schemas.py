@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import AwareDatetime, Field, field_validator
+from pydantic import Field
 
+from loyalty.lib.clock import PlannedTime
 from loyalty.lib.schemas import Schema
 from loyalty.tiers.config import TierId
 
@@ -47,15 +48,8 @@ class TierList(Schema):
 
 class TierPin(Schema):
     tier: TierId
-    until: AwareDatetime
+    until: PlannedTime
     reason: str = Field(min_length=1, max_length=500, pattern=r"^[^\x00]+$")
-
-    @field_validator("until")
-    @classmethod
-    def _sane(cls, value: datetime) -> datetime:
-        if value.year > 9000 or value.year < 1970:
-            raise ValueError("must be a date between 1970 and 9000")
-        return value
 
 
 class PreviewResult(Schema):

@@ -19,7 +19,7 @@ from loyalty.recalc.assignments import decide, facts_at
 from loyalty.recalc.full import PhaseTimer, compute_population
 from loyalty.tiers import schemas
 from loyalty.tiers.config import FIGURES, TiersConfig
-from loyalty.tiers.rules import CustomerFacts, decide_tier, describe_rule
+from loyalty.tiers.rules import CustomerFacts, decide_tier, describe_rule, pin_in_force
 from loyalty.webhooks.outbox import HistorySelection, announce_tier_changes
 
 PREVIEW_CHUNK = 20_000
@@ -93,7 +93,14 @@ async def badge(reader: AsyncSession | AsyncConnection, tiers: TiersConfig, exte
 
 
 async def _customer_id(session: AsyncSession, external_id: str) -> int:
-    customer_id = await session.scalar(select(Customer.id).where(Customer.external_id == external_id))
+    """The customer's internal id, locked as the real-time re-score locks it (NO KEY UPDATE; nothing on SQLite).
+
+    A pin reads the stored tier and then writes it with a history entry starting from it: without the lock, a
+    re-score committing in between made that entry start from the tier before the re-score's change.
+    """
+    customer_id = await session.scalar(
+        select(Customer.id).where(Customer.external_id == external_id).with_for_update(key_share=True, of=Customer)
+    )
     if customer_id is None:
         raise ProblemError(NOT_FOUND, f"No customer with customer_id {external_id!r}")
     return customer_id
@@ -245,7 +252,7 @@ async def preview(
             async for score in result.scalars():
                 customers += 1
                 facts = _stored_facts(score)
-                _count(moves, pins.get(score.customer_id), decide_tier(candidate, facts), now)
+                _count(moves, candidate, pins.get(score.customer_id), decide_tier(candidate, facts), now)
             await session.rollback()
     else:
         population = await compute_population(session_maker, now, candidate.scoring, PhaseTimer())
@@ -253,7 +260,7 @@ async def preview(
             customers += 1
             facts, raw = facts_at(position, population.figures, population.referrals, population.scores)
             decision = decide(candidate, facts, raw, population.cutoffs)
-            _count(moves, pins.get(customer_id), decision.tier, now)
+            _count(moves, candidate, pins.get(customer_id), decision.tier, now)
     return schemas.PreviewResult(
         moves={source: dict(targets) for source, targets in moves.items()},
         customers=customers,
@@ -276,9 +283,14 @@ def _stored_facts(score: CustomerScore) -> CustomerFacts:
 
 
 def _count(
-    moves: dict[str, dict[str, int]], stored: tuple[str, str | None, datetime | None] | None, tier: str, now: datetime
+    moves: dict[str, dict[str, int]],
+    candidate: TiersConfig,
+    stored: tuple[str, str | None, datetime | None] | None,
+    tier: str,
+    now: datetime,
 ) -> None:
     current = stored[0] if stored else "prospect"
-    if stored and stored[1] and stored[2] and stored[2] > now:
-        tier = stored[1]
+    # As a recalculation under the candidate would: a pin to a tier the candidate drops no longer holds.
+    if stored and pin_in_force(candidate, stored[1], stored[2], now):
+        tier = stored[1] or tier
     moves[current][tier] += 1

@@ -9,6 +9,7 @@ from litestar.status_codes import HTTP_201_CREATED, HTTP_204_NO_CONTENT
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.access import guards
+from loyalty.lib.errors import NOT_FOUND, problem_responses
 from loyalty.lib.pagination import Cursor, IdPath, Limit, Page
 from loyalty.webhooks import schemas, services
 
@@ -32,12 +33,17 @@ class WebhookController(Controller):
         """Registered webhooks, newest first (without secrets)."""
         return await services.list_webhooks(session, limit, cursor)
 
-    @delete("/{webhook_id:int}", operation_id="DeleteWebhook", status_code=HTTP_204_NO_CONTENT)
+    @delete(
+        "/{webhook_id:int}",
+        operation_id="DeleteWebhook",
+        status_code=HTTP_204_NO_CONTENT,
+        responses=problem_responses(NOT_FOUND),
+    )
     async def delete_webhook(self, session: NamedDependency[AsyncSession], webhook_id: IdPath) -> None:
         """Delete a webhook: deliveries stop and those still open are abandoned."""
         await services.delete_webhook(session, webhook_id)
 
-    @get("/{webhook_id:int}/deliveries", operation_id="ListWebhookDeliveries")
+    @get("/{webhook_id:int}/deliveries", operation_id="ListWebhookDeliveries", responses=problem_responses(NOT_FOUND))
     async def list_deliveries(
         self, session: NamedDependency[AsyncSession], webhook_id: IdPath, limit: Limit = 50, cursor: Cursor = None
     ) -> Page[schemas.Delivery]:

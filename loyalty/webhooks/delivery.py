@@ -12,7 +12,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import cast
@@ -120,12 +120,15 @@ async def claim_deliveries(
     lease_seconds: float,
     per_endpoint: int,
     batch_size: int,
+    in_flight: Mapping[int, int] | None = None,
 ) -> list[Attempt]:
     """Lease due deliveries (new, due for a retry, or left behind by a claimant whose lease ran out).
 
-    At most ``per_endpoint`` from each endpoint, so a backlog or a hanging receiver at one endpoint never takes
-    the whole batch from the others; endpoints are visited in random order so none is always served last.
+    At most ``per_endpoint`` from each endpoint, less those of its attempts the claimant still has in flight
+    (``in_flight``: endpoint id to count), so a backlog or a hanging receiver at one endpoint never takes the whole
+    batch from the others; endpoints are visited in random order so none is always served last.
     """
+    busy = in_flight or {}
     endpoint_ids = list(
         (await session.scalars(select(WebhookEndpoint.id).where(WebhookEndpoint.deleted_at.is_(None)))).all()
     )
@@ -135,9 +138,11 @@ async def claim_deliveries(
     )
     claimed: list[int] = []
     for endpoint_id in endpoint_ids:
-        room = min(per_endpoint, batch_size - len(claimed))
-        if room <= 0:
+        if len(claimed) >= batch_size:
             break
+        room = min(per_endpoint - busy.get(endpoint_id, 0), batch_size - len(claimed))
+        if room <= 0:
+            continue
         candidates = (
             select(WebhookDelivery.id)
             .where(WebhookDelivery.endpoint_id == endpoint_id, due)

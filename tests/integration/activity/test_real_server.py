@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -13,8 +14,8 @@ from tests.support import running_server
 
 
 @pytest.fixture
-async def server(settings: Any, engine: Any) -> AsyncIterator[str]:
-    async with running_server(settings) as base:
+async def server(settings: Any, engine: Any, tmp_path: Path) -> AsyncIterator[str]:
+    async with running_server(settings, tmp_path / "serve.log") as base:
         yield base
 
 

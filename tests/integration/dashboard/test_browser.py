@@ -47,9 +47,9 @@ def chromium() -> Path:
 
 
 @pytest.fixture
-async def server(settings: Any, engine: Any, shop: int) -> AsyncIterator[str]:
+async def server(settings: Any, engine: Any, shop: int, tmp_path: Path) -> AsyncIterator[str]:
     """A real server process on the test database, started after the shop's data is in place."""
-    async with running_server(settings) as base:
+    async with running_server(settings, tmp_path / "serve.log") as base:
         yield base
 
 

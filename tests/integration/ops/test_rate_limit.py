@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
+import pytest
 from litestar.testing import AsyncTestClient
 
 from loyalty.app import create_app
+from loyalty.lib import middleware
+from tests.integration.ops.test_secrets_not_logged import captured_logs
 
 
 async def test_rate_limit_headers_count_down_and_refuse_past_the_limit(settings, keys) -> None:
@@ -22,3 +28,87 @@ async def test_rate_limit_headers_count_down_and_refuse_past_the_limit(settings,
         # Operations routes are not counted.
         for _ in range(5):
             assert (await client.get("/health/live")).status_code == 200
+
+
+def _assert_refused(response: Any) -> None:
+    assert response.status_code == 429, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["type"] == "/problems/rate-limited"
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+    assert response.headers["x-request-id"]
+
+
+async def test_one_key_at_its_limit_leaves_the_others_served(settings, keys, client) -> None:
+    limited = settings.model_copy(update={"rate_limit": 3})
+    async with AsyncTestClient(app=create_app(limited)) as limited_client:
+        key_a, key_b, key_c = keys.headers("storefront"), keys.headers("marketing"), keys.headers("admin")
+        for _ in range(3):
+            assert (await limited_client.get("/v1/tiers", headers=key_a)).status_code == 200
+        for _ in range(3):
+            _assert_refused(await limited_client.get("/v1/tiers", headers=key_a))
+            # Key B is served all the while, up to its own limit, and is then refused on its own account.
+            assert (await limited_client.get("/v1/tiers", headers=key_b)).status_code == 200
+        _assert_refused(await limited_client.get("/v1/tiers", headers=key_b))
+        assert (await limited_client.get("/v1/tiers", headers=key_c)).status_code == 200
+        # A refused request was refused before any work: key A's refusals wrote nothing and reached no handler.
+        refused_write = await limited_client.put("/v1/customers/c-1", json={}, headers=key_a)
+        _assert_refused(refused_write)
+    assert (await client.get("/v1/customers/c-1", headers=keys.headers("marketing"))).status_code == 404
+
+
+class _ClockAhead:
+    """The `time` module as the limiter reads it, moved forward: a window ends without the test waiting for it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def time(self) -> float:
+        return time.time() + self.seconds
+
+    def perf_counter(self) -> float:
+        return time.perf_counter()
+
+
+async def test_the_window_resets(settings, keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    limited = settings.model_copy(update={"rate_limit": 2})
+    async with AsyncTestClient(app=create_app(limited)) as client:
+        headers = keys.headers("storefront")
+        assert [(await client.get("/v1/tiers", headers=headers)).status_code for _ in range(3)] == [200, 200, 429]
+        monkeypatch.setattr(middleware, "time", _ClockAhead(59))
+        _assert_refused(await client.get("/v1/tiers", headers=headers))
+        monkeypatch.setattr(middleware, "time", _ClockAhead(61))
+        renewed = await client.get("/v1/tiers", headers=headers)
+        assert renewed.status_code == 200
+        assert renewed.headers["ratelimit-remaining"] == "1"
+        assert int(renewed.headers["ratelimit-reset"]) == 60
+        assert (await client.get("/v1/tiers", headers=headers)).status_code == 200
+        _assert_refused(await client.get("/v1/tiers", headers=headers))
+
+
+def _tier_requests(metrics: str, status: int) -> float:
+    """`loyalty_requests_total` of GET /v1/tiers for one status (one registry serves every app in the process)."""
+    labels = f'method="GET",path="/v1/tiers",status_code="{status}"'
+    for line in metrics.splitlines():
+        if line.startswith("loyalty_requests_total{") and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_a_refusal_is_logged_and_counted_as_429(settings, keys) -> None:
+    limited = settings.model_copy(update={"rate_limit": 1})
+    async with AsyncTestClient(app=create_app(limited)) as client:
+        headers = keys.headers("storefront")
+        before = (await client.get("/metrics")).text
+        with captured_logs("loyalty.access") as logs:
+            assert (await client.get("/v1/tiers", headers=headers)).status_code == 200
+            refused = await client.get("/v1/tiers", headers=headers)
+        _assert_refused(refused)
+        after = (await client.get("/metrics")).text
+    access = [line for line in logs.lines if '"path": "/v1/tiers"' in line]
+    assert len(access) == 2
+    assert '"status": 200' in access[0]
+    # The client got a 429; the access log once said 500 and the metrics 200 (the refusal was raised past both).
+    assert '"status": 429' in access[1]
+    assert refused.headers["x-request-id"] in access[1]
+    assert _tier_requests(after, 429) - _tier_requests(before, 429) == 1
+    assert _tier_requests(after, 200) - _tier_requests(before, 200) == 1

@@ -83,6 +83,8 @@ async def test_killed_recalculation_keeps_previous_tiers_and_next_run_completes(
         assert process.poll() is None, "the run finished before it could be killed; use more customers"
         os.kill(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+        # Killed by the signal itself: no handler, no clean-up, no chance to mark its run.
+        assert process.returncode == -signal.SIGKILL
     finally:
         if process.poll() is None:
             process.kill()
@@ -91,9 +93,13 @@ async def test_killed_recalculation_keeps_previous_tiers_and_next_run_completes(
     assert status == "running", "the killed run must not have reached its commit"
     assert await _tiers(session_maker) == before
 
-    # Once the lease runs out, any replica marks the run failed and the slot is free again.
-    await asyncio.sleep(LEASE_SECONDS + 0.5)
-    await run_due()
+    # While the dead process's lease lasts, the run holds the slot; once it runs out, any replica's next poll
+    # marks the run failed and the slot is free again.
+    assert (await client.post("/v1/recalculations", json={}, headers=keys.headers("marketing"))).status_code == 409
+    deadline = time.monotonic() + LEASE_SECONDS + 30
+    while (await run_due()).get("expired") != [killed_id]:
+        assert time.monotonic() < deadline, "the killed run was never marked failed"
+        await asyncio.sleep(0.2)
     runs = {run_id: (status, error) for run_id, status, error in await _run_status(session_maker)}
     assert runs[killed_id][0] == "failed"
     assert "lease expired" in (runs[killed_id][1] or "")
@@ -102,7 +108,9 @@ async def test_killed_recalculation_keeps_previous_tiers_and_next_run_completes(
     again = await client.post("/v1/recalculations", json={}, headers=keys.headers("marketing"))
     assert again.status_code == 202
     await run_due()
-    assert (await _run_status(session_maker))[-1][1] == "succeeded"
+    *_earlier, (last_id, last_status, _error) = await _run_status(session_maker)
+    assert (last_id, last_status) == (again.json()["run_id"], "succeeded")
+    assert [status for _id, status, _ in await _run_status(session_maker)] == ["succeeded", "failed", "succeeded"]
 
 
 @pytest.mark.slow

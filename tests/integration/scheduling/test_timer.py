@@ -25,7 +25,7 @@ async def test_poll_jobs_run_repeatedly_and_survive_failures() -> None:
     try:
         await asyncio.sleep(0.5)
     finally:
-        timer.shutdown()
+        await timer.stop()
     # AsyncIOScheduler carries out shutdown on its event loop, i.e. at the next turn.
     await asyncio.sleep(0.01)
     assert runs.count("ok") >= 3
@@ -45,8 +45,30 @@ async def test_cron_job_fires_on_a_seconds_cron() -> None:
     try:
         await asyncio.wait_for(fired.wait(), timeout=3)
     finally:
-        timer.shutdown()
+        await timer.stop()
     assert timer.job_names() == ["test.cron"] or not timer.running
+
+
+async def test_stop_returns_only_once_a_running_job_has_wound_down() -> None:
+    """A server stopping mid-job returns its connection before the event loop goes: the job's clean-up has run."""
+    started, wound_down = asyncio.Event(), asyncio.Event()
+
+    async def long_running() -> dict[str, int]:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        finally:
+            # Standing in for a rollback and a connection going back to the pool: clean-up that awaits.
+            await asyncio.sleep(0.3)
+            wound_down.set()
+        return {}
+
+    timer = Timer(poll_seconds=0.05, poll_jobs=[Job("test.long", long_running)])
+    timer.start()
+    await asyncio.wait_for(started.wait(), timeout=5)
+    await timer.stop()
+    assert wound_down.is_set()
+    assert not timer.running
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,10 @@ def test_accepted(raw: object, expected: Decimal) -> None:
         ("1e308", "exceed"),
         ("0.001", "decimal places"),
         (None, "decimal string"),
+        # Once a decimal.Overflow (a 500), a silent rounding to 1.00, and a silent zero.
+        ("1e999999999", "exceed"),
+        ("1.00000000000000000000000000001", "decimal places"),
+        ("1e-999999999", "decimal places"),
     ],
 )
 def test_refused(raw: object, message: str) -> None:
