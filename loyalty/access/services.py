@@ -111,6 +111,9 @@ class VerifiedKeys:
 
     def __init__(self) -> None:
         self._entries: dict[str, tuple[float, KeyPrincipal]] = {}
+        # When each key was last found active, whatever the cache time: the rate limiter's test of whether a key
+        # is a real one (see `recently_verified`).
+        self._verified_at: dict[str, float] = {}
         # Bumped by every revocation: a lookup that began before one must not put its (possibly revoked) key back.
         self.generation = 0
 
@@ -123,6 +126,15 @@ class VerifiedKeys:
             del self._entries[key_hash]
             return None
         return principal
+
+    def found_active(self, key_hash: str) -> None:
+        if len(self._verified_at) >= self.MAX_ENTRIES:
+            self._verified_at.clear()
+        self._verified_at[key_hash] = time.monotonic()
+
+    def verified_within(self, key_hash: str, seconds: float) -> bool:
+        verified_at = self._verified_at.get(key_hash)
+        return verified_at is not None and time.monotonic() - verified_at < seconds
 
     def remember(self, key_hash: str, principal: KeyPrincipal, read_in_generation: int) -> None:
         if read_in_generation != self.generation:
@@ -163,6 +175,14 @@ async def verify_key(engine: AsyncEngine, plain: str, cache_seconds: float) -> K
         generation = verified.generation
         async with single_statement(engine) as connection:
             principal = await _active_key(connection, key_hash)
-        if principal is not None and cache_seconds > 0:
-            verified.remember(key_hash, principal, generation)
+        if principal is not None:
+            verified.found_active(key_hash)
+            if cache_seconds > 0:
+                verified.remember(key_hash, principal, generation)
     return principal
+
+
+def recently_verified(engine: AsyncEngine, key_hash: str, seconds: float) -> bool:
+    """Whether this process found the key active within ``seconds``: a real key, as far as anyone can tell
+    without a database read."""
+    return _verified_keys_for(engine).verified_within(key_hash, seconds)

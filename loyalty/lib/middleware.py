@@ -18,14 +18,19 @@ from litestar.middleware.rate_limit import (
     RateLimitMiddleware,
     get_remote_address,
 )
+from litestar.stores.base import Store
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from sqlalchemy.exc import SQLAlchemyError
 
+from loyalty.access.services import hash_key, recently_verified, verify_key
 from loyalty.lib.errors import RATE_LIMITED, ProblemError, problem_response
 from loyalty.lib.logging import request_id_var
 
 access_logger = logging.getLogger("loyalty.access")
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 UNLIMITED_PATHS = ("/health", "/metrics", "/schema", "/problems")
+# How long a key, once found active, counts as a real key for the rate limiter: its window.
+KEY_KNOWN_SECONDS = 60.0
 
 
 class RequestContextMiddleware:
@@ -73,10 +78,8 @@ class RequestContextMiddleware:
 
 
 def rate_limit_identity(request: Request[Any, Any, Any]) -> str:
-    """Limit per credential: the key (by hash, never in clear), the bearer token, or else the address."""
-    key = request.headers.get("x-api-key")
-    if key:
-        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    """Limit per credential: the bearer token (by hash, never in clear), or else the address. API keys are counted
+    per key once verified; see `KeyRateLimitMiddleware._identity`."""
     authorization = request.headers.get("authorization")
     if authorization:
         return "token:" + hashlib.sha256(authorization.encode()).hexdigest()[:32]
@@ -96,7 +99,7 @@ class KeyRateLimitMiddleware(RateLimitMiddleware):
         request: Request[Any, Any, Any] = app.request_class(scope)
         if await self.should_check_request(request=request):
             store = self.config.get_store_from_app(app)
-            key = self.cache_key_from_request(request)
+            key = await self._identity(request, store)
             async with self._lock:
                 now = int(time.time())
                 count, reset = _decode_window(await store.get(key), now)
@@ -112,6 +115,36 @@ class KeyRateLimitMiddleware(RateLimitMiddleware):
             if self.config.set_rate_limit_headers:
                 send = self._send_with_headers(send, self._window_headers(count, reset, now))
         await self.app(scope, receive, send)
+
+    async def _identity(self, request: Request[Any, Any, Any], store: Store) -> str:
+        """The bucket a request counts in: its API key's, once the key is known to be real, else as
+        `rate_limit_identity` says.
+
+        A key this process has not found active lately is verified here first (the route's guard then finds it
+        in the verified keys). A made-up key counts against its sender's address: otherwise every invented key
+        would open a bucket of its own, and a flood of them, each costing a database read, would never be
+        limited. Once the address has used up its window, an unfamiliar key is refused without that read (a real
+        key in use from that address stays known, and served, meanwhile).
+        """
+        bucket = f"{type(self).__name__}::"
+        plain = request.headers.get("x-api-key")
+        if not plain:
+            return bucket + rate_limit_identity(request)
+        key_hash = hash_key(plain)
+        state = request.app.state
+        if recently_verified(state.engine, key_hash, KEY_KNOWN_SECONDS):
+            return f"{bucket}key:{key_hash[:32]}"
+        address = f"{bucket}addr:{get_remote_address(request)}"
+        now = int(time.time())
+        count, reset = _decode_window(await store.get(address), now)
+        if reset > now and count >= self.max_requests:
+            return address
+        try:
+            real = await verify_key(state.engine, plain, state.settings.api_key_cache_seconds) is not None
+        except (SQLAlchemyError, OSError):
+            # The database is unreachable: the route's own check meets the same error and answers it (503).
+            real = False
+        return f"{bucket}key:{key_hash[:32]}" if real else address
 
     def _refuse(self, request: Request[Any, Any, Any], count: int, reset: int, now: int) -> ASGIApp:
         """The 429 problem, sent as a response rather than raised.

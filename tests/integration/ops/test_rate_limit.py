@@ -112,3 +112,29 @@ async def test_a_refusal_is_logged_and_counted_as_429(settings, keys) -> None:
     assert refused.headers["x-request-id"] in access[1]
     assert _tier_requests(after, 429) - _tier_requests(before, 429) == 1
     assert _tier_requests(after, 200) - _tier_requests(before, 200) == 1
+
+
+async def test_made_up_keys_count_against_their_address_and_real_keys_keep_their_own(
+    settings, keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    limited = settings.model_copy(update={"rate_limit": 3})
+    async with AsyncTestClient(app=create_app(limited)) as client:
+        real = keys.headers("storefront")
+        assert (await client.get("/v1/tiers", headers=real)).status_code == 200
+        # Each invented key would otherwise open a bucket of its own, and each costs a database read.
+        lookups = 0
+        counted_verify = middleware.verify_key
+
+        async def counting_verify(*args: Any, **kwargs: Any) -> Any:
+            nonlocal lookups
+            lookups += 1
+            return await counted_verify(*args, **kwargs)
+
+        monkeypatch.setattr(middleware, "verify_key", counting_verify)
+        made_up = [await client.get("/v1/tiers", headers={"X-API-Key": f"lty_invented{i}"}) for i in range(8)]
+        assert [answer.status_code for answer in made_up] == [401, 401, 401] + [429] * 5
+        _assert_refused(made_up[-1])
+        # Past the address's window an invented key is refused before its lookup.
+        assert lookups == 3
+        # The real key, known to this process, still counts on its own: two of its three requests are left.
+        assert [(await client.get("/v1/tiers", headers=real)).status_code for _ in range(3)] == [200, 200, 429]
