@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import BindParameter, ColumnElement, Table, any_, bindparam
+from sqlalchemy import ColumnElement, Table, any_, bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -21,21 +21,21 @@ from loyalty.db.staging import driver_in_transaction, write_rows
 
 def in_list(session: AsyncSession, column: InstrumentedAttribute[Any], values: Sequence[Any]) -> ColumnElement[bool]:
     """``column IN values``; on PostgreSQL ``column = ANY(:array)``, one prepared statement whatever the count."""
-    return _membership(session.get_bind().dialect.name, column, bindparam(None, list(values)))
+    return _membership(session.get_bind().dialect.name, column, None, list(values))
 
 
 def in_parameter(dialect: str, column: InstrumentedAttribute[Any], name: str) -> ColumnElement[bool]:
     """``in_list``'s comparison with the values left to a named parameter, for a statement built once and run
     with a new list each time (the hot paths: building a statement costs more than running a small one)."""
-    return _membership(dialect, column, bindparam(name))
+    return _membership(dialect, column, name, None)
 
 
-def _membership(dialect: str, column: InstrumentedAttribute[Any], values: BindParameter[Any]) -> ColumnElement[bool]:
+def _membership(
+    dialect: str, column: InstrumentedAttribute[Any], name: str | None, values: list[Any] | None
+) -> ColumnElement[bool]:
     if dialect == "postgresql":
-        values.type = postgresql.ARRAY(column.type)
-        return column == any_(values)
-    values.expanding = True
-    return column.in_(values)
+        return column == any_(bindparam(name, values, type_=postgresql.ARRAY(column.type)))
+    return column.in_(bindparam(name, values, expanding=True))
 
 
 def _storage_form(

@@ -41,10 +41,10 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
-from sqlalchemy import BigInteger, TextClause, TextualSelect, bindparam, func, select, text
+from sqlalchemy import BigInteger, Select, TextClause, TextualSelect, bindparam, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
-from sqlalchemy.orm import defer
+from sqlalchemy.orm import InstrumentedAttribute, defer
 
 from loyalty.db.base import Base
 from loyalty.db.migrate import current_revision, head_revision
@@ -835,21 +835,11 @@ async def _check_orders_and_figures(context: _Context) -> CheckResult:
         result.add(ORDER_CURRENCY, f"order {row.external_id} in {row.currency}")
 
     stale = 0
-    last = 0
     await _prefer_indexes(context, True)
-    while True:
-        page = (
-            await session.execute(
-                select(CustomerScore.__table__, Customer.external_id)
-                .join(Customer, Customer.id == CustomerScore.customer_id)
-                .where(CustomerScore.customer_id > last)
-                .order_by(CustomerScore.customer_id)
-                .limit(PAGE)
-            )
-        ).all()
-        if not page:
-            break
-        last = page[-1].customer_id
+    scored = select(CustomerScore.__table__, Customer.external_id).join(
+        Customer, Customer.id == CustomerScore.customer_id
+    )
+    async for page in _pages(session, scored, CustomerScore.customer_id):
         result.checked["customers"] = result.checked.get("customers", 0) + len(page)
         mismatches = await _compare_page(context, result, page)
         stale += await _settle_mismatches(context, result, mismatches)
@@ -1086,6 +1076,20 @@ _TIER_COLUMNS = (
 )
 
 
+async def _pages(
+    session: AsyncSession, statement: Select[*tuple[Any, ...]], key: InstrumentedAttribute[int]
+) -> AsyncIterator[Any]:
+    """The statement's rows ``PAGE`` at a time, in ``key`` order, each page after the last key seen (no offset
+    to skip over, so every page costs the same however far the walk has come)."""
+    last = 0
+    while True:
+        page = (await session.execute(statement.where(key > last).order_by(key).limit(PAGE))).all()
+        if not page:
+            return
+        yield page
+        last = page[-1].customer_id
+
+
 async def _check_tiers(context: _Context) -> CheckResult:
     result = _new_result(
         context,
@@ -1095,25 +1099,16 @@ async def _check_tiers(context: _Context) -> CheckResult:
     )
     session = context.session
     configured = set(tier_order(context.tiers))
-    last = 0
-    while True:
-        page = (
-            await session.execute(
-                # The score as the entity the rules' fact reader takes; of the tier row, only what the rules
-                # need (its texts and progress would be decoded for nothing).
-                select(CustomerScore, *_TIER_COLUMNS, Customer.external_id)
-                .select_from(CustomerTier)
-                .join(Customer, Customer.id == CustomerTier.customer_id)
-                .outerjoin(CustomerScore, CustomerScore.customer_id == CustomerTier.customer_id)
-                .options(defer(CustomerScore.interests))
-                .where(CustomerTier.customer_id > last)
-                .order_by(CustomerTier.customer_id)
-                .limit(PAGE)
-            )
-        ).all()
-        if not page:
-            break
-        last = page[-1].customer_id
+    # The score as the entity the rules' fact reader takes; of the tier row, only what the rules need (its texts
+    # and progress would be decoded for nothing).
+    tiered = (
+        select(CustomerScore, *_TIER_COLUMNS, Customer.external_id)
+        .select_from(CustomerTier)
+        .join(Customer, Customer.id == CustomerTier.customer_id)
+        .outerjoin(CustomerScore, CustomerScore.customer_id == CustomerTier.customer_id)
+        .options(defer(CustomerScore.interests))
+    )
+    async for page in _pages(session, tiered, CustomerTier.customer_id):
         result.checked["tiers"] = result.checked.get("tiers", 0) + len(page)
         for row in page:
             _check_tier_row(

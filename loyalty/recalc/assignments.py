@@ -16,8 +16,8 @@ from loyalty.db.staging import EPOCH
 from loyalty.lib.money import format_money
 from loyalty.scoring.config import ScoringConfig
 from loyalty.scoring.figures import Figures, ReferralFigures
-from loyalty.scoring.scores import Scores, raw_for_score
-from loyalty.tiers.config import TiersConfig
+from loyalty.scoring.scores import SCORE_NAMES, Scores, raw_for_score
+from loyalty.tiers.config import FIGURES, TiersConfig
 from loyalty.tiers.rules import (
     Assignment,
     CustomerFacts,
@@ -63,24 +63,6 @@ class ValueTranslator:
 
     def phrase(self, missing: Missing) -> str:
         return phrase_missing(missing)
-
-
-# The figures the rules can read, each a column of the scored population.
-FACT_FIGURES = (
-    "occasions",
-    "orders_in_window",
-    "net_spend",
-    "average_order_value",
-    "predicted_value",
-    "expected_purchases",
-    "p_alive",
-    "converted_referrals",
-    "referred_revenue",
-    "reviews",
-    "shares",
-    "days_since_last",
-)
-SCORE_NAMES = ("value", "frequency", "influence")
 
 
 # The raw value each score target needs depends only on a run's cut-offs, never on the customer: worked out once per
@@ -150,7 +132,7 @@ class ChunkFacts:
         figures, referrals, scores = population
         used = used_figures(tiers)
         columns = fact_columns(figures, referrals, scores)
-        self._figures = [(name, columns[name][start:stop].tolist()) for name in FACT_FIGURES if name in used]
+        self._figures = [(name, columns[name][start:stop].tolist()) for name in FIGURES if name in used]
         self._paid = figures.paid_orders[start:stop].tolist()
         self._scores = [(name, scores.score[name][start:stop].tolist()) for name in SCORE_NAMES]
         self._raw = [(name, scores.raw[name][start:stop].tolist()) for name in SCORE_NAMES]
