@@ -12,7 +12,6 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme, Tag
-from litestar.plugins.prometheus import PrometheusConfig
 from litestar.plugins.pydantic import PydanticPlugin
 from litestar.stores.memory import MemoryStore
 
@@ -24,7 +23,7 @@ from loyalty.db.dependencies import provide_session
 from loyalty.db.session import create_engine, create_session_maker, read_only
 from loyalty.lib.errors import handle_exception, problems_reference
 from loyalty.lib.logging import configure_logging
-from loyalty.lib.middleware import RequestContextMiddleware, rate_limit_config
+from loyalty.lib.middleware import RATE_LIMIT_STORE, KeyRateLimiter, RequestMiddleware
 from loyalty.lib.request import JsonRequest
 from loyalty.offers.controllers import CampaignController, CodeController, OfferController
 from loyalty.offers.dispatch import OfferJobs
@@ -127,7 +126,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
             metrics.POOLS.forget(engine)
             await engine.dispose()
 
-    prometheus = PrometheusConfig(app_name="loyalty", prefix="loyalty", group_path=True, exclude=["^/metrics"])
+    # One limiter for the app: Litestar builds the middleware once per route, and a key's window spans them all.
+    limiter = KeyRateLimiter(settings.rate_limit)
     config = AppConfig(
         route_handlers=[
             HealthController,
@@ -152,11 +152,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         ],
         dependencies={"session": Provide(provide_session)},
         exception_handlers={Exception: handle_exception},
-        middleware=[
-            lambda app: RequestContextMiddleware(app),
-            prometheus.middleware,
-            rate_limit_config(settings.rate_limit).middleware,
-        ],
+        middleware=[lambda app: RequestMiddleware(app, limiter)],
         # Field aliases are the API's names (a history item's `from`, a Python keyword).
         plugins=[PydanticPlugin(prefer_alias=True)],
         openapi_config=_openapi_config(),
@@ -164,7 +160,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
         lifespan=[lifespan],
         request_class=JsonRequest,
         request_max_body_size=settings.max_body_bytes,
-        stores={"rate_limit": MemoryStore()},
+        stores={RATE_LIMIT_STORE: MemoryStore()},
         debug=False,
         logging_config=None,
     )
@@ -177,4 +173,5 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app.state.session_maker = session_maker
     app.state.read_session_maker = read_only(session_maker)
     app.state.model_cache = model_cache
+    app.state.rate_limiter = limiter
     return app

@@ -17,7 +17,7 @@ from loyalty.activity import schemas
 from loyalty.customers.lookup import ensure_customer_id, ensure_customer_ids, ensure_customers
 from loyalty.db.base import Base
 from loyalty.db.bulk import in_list, insert_new_rows, insert_rows
-from loyalty.db.dialect import advisory_lock, insert_ignoring_conflicts
+from loyalty.db.dialect import advisory_lock, insert_ignoring_conflicts, plan_for_these_parameters
 from loyalty.db.models import Customer, InteractionEvent, Order, OrderItem, Referral, Refund
 from loyalty.lib.clock import utcnow
 from loyalty.lib.errors import (
@@ -161,6 +161,8 @@ async def create_orders_batch(
     firsts: dict[str, tuple[int, schemas.OrderCreate, str]] = {}
     for entry in valid:
         firsts.setdefault(entry[1].order_id, entry)
+    # Batches are how a shop loads its history, often into a young database: see plan_for_these_parameters.
+    await plan_for_these_parameters(session)
     written = await _write_new_orders(session, list(firsts.values()))
     affected: set[int] = set()
     created = replayed = 0

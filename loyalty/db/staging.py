@@ -57,9 +57,11 @@ def stored_optional_instants(postgres: bool, micros: NDArray[np.float64]) -> lis
     present = ~np.isnan(micros)
     values: list[Any] = [None] * micros.size
     if present.any():
-        encoded = stored_instants(postgres, micros[present].astype(np.int64))
-        for index, value in zip(np.flatnonzero(present).tolist(), encoded, strict=True):
-            values[index] = value
+        # Purchase dates are whole days, shared by many customers: each distinct instant is encoded once.
+        distinct, inverse = np.unique(micros[present], return_inverse=True)
+        encoded = stored_instants(postgres, distinct.astype(np.int64))
+        for index, position in zip(np.flatnonzero(present).tolist(), inverse.tolist(), strict=True):
+            values[index] = encoded[position]
     return values
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,7 +17,13 @@ from typing import Any
 from sqlalchemy import TextClause, bindparam, func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from loyalty.db.dialect import insert_ignoring_conflicts, is_postgres, json_object_sql, random_code_sql
+from loyalty.db.dialect import (
+    advisory_lock,
+    insert_ignoring_conflicts,
+    is_postgres,
+    json_object_sql,
+    random_code_sql,
+)
 from loyalty.db.models import Campaign, CampaignMember, CampaignSend, IssuedCode, Offer
 from loyalty.db.session import transaction
 from loyalty.db.types import DateTimeUTC
@@ -79,34 +86,43 @@ WHERE ic.send_id = :send_id
 ON CONFLICT (dedupe_key) DO NOTHING
 """
 
-# PostgreSQL does all three in one statement: each step feeds on the rows the previous one actually inserted, so
-# nothing is read back. That is exact, not an approximation of the three statements above: members, their codes and
-# the codes' events are only ever written together in one transaction, so a member that already exists (a retry,
-# or a concurrent dispatcher that committed first; ON CONFLICT waits for it) already has its code and event.
+# PostgreSQL does all three in one statement, on a send that has no members yet (dispatch_send makes sure, under
+# the send's lock): so nothing conflicts and nothing is read back. Plain inserts, not ON CONFLICT, whose speculative
+# insertion costs an index probe and a WAL record per row; the keys stay unique all the same, so a writer that got
+# around the lock would fail, not issue twice. Each code is drawn once, in `eligible`, and both the code row and its
+# event take it from there.
 _ISSUE_ALL_SQL = """
-WITH eligible AS MATERIALIZED ({eligible}),
+WITH eligible AS MATERIALIZED (
+    SELECT e.customer_id, e.external_id, e.holdout, {code} AS code, CAST(:offer_id AS BIGINT) AS offer_id,
+           CAST(:campaign_id AS BIGINT) AS campaign_id
+    FROM ({eligible}) e
+),
 members AS (
     INSERT INTO campaign_member (send_id, customer_id, campaign_id, holdout)
-    SELECT CAST(:send_id AS BIGINT), e.customer_id, CAST(:campaign_id AS BIGINT), e.holdout
+    SELECT CAST(:send_id AS BIGINT), e.customer_id, e.campaign_id, e.holdout
     FROM eligible e
-    ON CONFLICT (send_id, customer_id) DO NOTHING
-    RETURNING customer_id, holdout
 ),
 codes AS (
     INSERT INTO issued_code (code, offer_id, customer_id, campaign_id, send_id, issued_at, expires_at, uses_left,
                              status)
-    SELECT {code}, CAST(:offer_id AS BIGINT), m.customer_id, CAST(:campaign_id AS BIGINT),
-           CAST(:send_id AS BIGINT), :now, :expires_at, :uses, 'active'
-    FROM members m
-    WHERE NOT m.holdout
-    ON CONFLICT (send_id, customer_id) DO NOTHING
-    RETURNING code, offer_id, customer_id, campaign_id, issued_at
+    SELECT ic.code, ic.offer_id, ic.customer_id, ic.campaign_id, CAST(:send_id AS BIGINT), :now, :expires_at, :uses,
+           'active'
+    FROM eligible ic
+    WHERE NOT ic.holdout
 )
 INSERT INTO outbox_event (event_type, customer_id, dedupe_key, occurred_at, payload, created_at)
-SELECT 'offer.issued', ic.customer_id, 'offer.issued:' || ic.code, ic.issued_at, {payload}, :now
-FROM codes ic JOIN eligible c ON c.customer_id = ic.customer_id
-ON CONFLICT (dedupe_key) DO NOTHING
+SELECT 'offer.issued', ic.customer_id, 'offer.issued:' || ic.code, :now, {eligible_payload}, :now
+FROM eligible ic
+WHERE NOT ic.holdout
 """
+
+# A send's advisory lock (PostgreSQL): a namespace in the high bits, the send in the low 32. Two sends whose keys
+# collide only wait for each other.
+_SEND_LOCK_NAMESPACE = zlib.crc32(b"loyalty.campaign_send") % 2**30
+
+
+def _send_lock_key(send_id: int) -> int:
+    return _SEND_LOCK_NAMESPACE << 32 | send_id % 2**32
 
 
 def _eligible_sql(session: AsyncSession, filters: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -137,12 +153,13 @@ def _bound(sql: str) -> TextClause:
     return text(sql).bindparams(*(parameter for name, parameter in typed.items() if f":{name}" in sql))
 
 
-def _issued_payload(session: AsyncSession) -> str:
+def _issued_payload(session: AsyncSession, external_id: str = "c.external_id") -> str:
+    """An `offer.issued` event's payload, from a code row `ic` and the customer's storefront id."""
     return json_object_sql(
         session,
         [
             ("code", "ic.code"),
-            ("customer_id", "c.external_id"),
+            ("customer_id", external_id),
             ("offer_id", "ic.offer_id"),
             ("campaign_id", "ic.campaign_id"),
             ("expires_at", "CAST(:expires_text AS VARCHAR(40))"),
@@ -255,7 +272,12 @@ async def dispatch_send(session: AsyncSession, send_id: int, now: datetime | Non
         )
         return SendResult(send_id, 0, 0, status="cancelled")
     eligible, filter_params = _eligible_sql(session, campaign.filters or {})
-    fragments = {"eligible": eligible, "code": random_code_sql(session), "payload": _issued_payload(session)}
+    fragments = {
+        "eligible": eligible,
+        "code": random_code_sql(session),
+        "payload": _issued_payload(session),
+        "eligible_payload": _issued_payload(session, "ic.external_id"),
+    }
     expires_at = now + timedelta(days=offer.valid_days)
     params = {
         "send_id": send_id,
@@ -269,9 +291,15 @@ async def dispatch_send(session: AsyncSession, send_id: int, now: datetime | Non
         "uses": offer.uses_per_code,
         **filter_params,
     }
-    if is_postgres(session):
+    # Members, codes and events of a send are only ever written together, in one transaction: a send with members
+    # was written by a transaction that committed (a retry, or a replica that took the lease over and finished
+    # first), and issues nothing again. The lock makes a concurrent writer of the same send wait for that commit (or
+    # rollback) before it looks; on SQLite the write transaction already excludes every other writer.
+    await advisory_lock(session, _send_lock_key(send_id))
+    written = await session.scalar(select(CampaignMember.send_id).where(CampaignMember.send_id == send_id).limit(1))
+    if written is None and is_postgres(session):
         await session.execute(_bound(_ISSUE_ALL_SQL.format(**fragments)), params)
-    else:
+    elif written is None:
         # SQLite has no data-modifying WITH: members, then codes for them, then events for the codes.
         for step in (_MEMBERS_SQL, _CODES_SQL, _ISSUED_EVENTS_SQL):
             await session.execute(_bound(step.format(**fragments)), params)

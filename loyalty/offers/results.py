@@ -35,7 +35,9 @@ METHOD = (
 _REVENUE_SQL = """
 WITH members AS (
     SELECT customer_id, MAX(CASE WHEN holdout THEN 1 ELSE 0 END) AS holdout
-    FROM campaign_member WHERE campaign_id = :campaign_id GROUP BY customer_id
+    FROM campaign_member
+    WHERE send_id IN (SELECT id FROM campaign_send WHERE campaign_id = :campaign_id) -- the members' key leads
+    GROUP BY customer_id
 ),
 revenue AS (
     SELECT m.customer_id, m.holdout, COALESCE(SUM(o.total - o.refunded), 0) * 1.0 / :factor AS amount

@@ -192,7 +192,10 @@ async def member_counts(session: AsyncSession, campaign_id: int) -> tuple[int, i
         (
             await session.execute(
                 select(CampaignMember.holdout, func.count(func.distinct(CampaignMember.customer_id)))
-                .where(CampaignMember.campaign_id == campaign_id)
+                # Through the sends: the members' key leads with the send.
+                .where(
+                    CampaignMember.send_id.in_(select(CampaignSend.id).where(CampaignSend.campaign_id == campaign_id))
+                )
                 .group_by(CampaignMember.holdout)
             )
         ).all()

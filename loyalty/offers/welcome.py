@@ -43,7 +43,7 @@ async def issue_welcome_offers(
             FROM tier_history h JOIN customer c ON c.id = h.customer_id
             WHERE {selection.where()} AND h.to_tier = :tier AND h.kind IN ('initial', 'upgrade', 'pinned')
               AND NOT c.marketing_opt_out
-            ON CONFLICT (welcome_entry_id) DO NOTHING
+            ON CONFLICT (welcome_entry_id) WHERE welcome_entry_id IS NOT NULL DO NOTHING
         """
         statement = selection.bind(
             text(codes).bindparams(bindparam("now", type_=DateTimeUTC()), bindparam("expires_at", type_=DateTimeUTC()))
@@ -74,6 +74,7 @@ async def issue_welcome_offers(
             JOIN tier_history h ON h.id = ic.welcome_entry_id
             JOIN customer c ON c.id = ic.customer_id
             WHERE {selection.where()} AND h.to_tier = :tier
+              AND ic.welcome_entry_id IS NOT NULL -- implied by the join; lets the planner use the partial index
             ON CONFLICT (dedupe_key) DO NOTHING
         """
         statement = selection.bind(text(events).bindparams(bindparam("now", type_=DateTimeUTC())))

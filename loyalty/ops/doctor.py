@@ -13,8 +13,9 @@ Five checks, each reporting the rows it examined and every mismatch with a few e
   redemptions within the uses an offer allows and equal to the uses taken.
 - ``outbox``: every event naming a stored row, every tier change, code and redemption announced, nothing left
   from before an erasure.
-- ``references``: no row refers to a missing one, for every foreign key of the models (on SQLite, foreign keys
-  hold only on connections that turn them on, as the service's do and the sqlite3 shell's do not).
+- ``references``: no row refers to a missing one, for every foreign key of the models and every reference the
+  application keeps instead of one (``kept_reference``; on SQLite, foreign keys hold only on connections that turn
+  them on, as the service's do and the sqlite3 shell's do not).
 
 It never writes: one read-only transaction (REPEATABLE READ, READ ONLY on PostgreSQL; a deferred read on SQLite)
 sees one snapshot for every check. The structural checks are set-based statements that return only the rows at
@@ -1508,12 +1509,18 @@ async def _check_outbox(context: _Context) -> CheckResult:
 
 
 def _foreign_keys() -> list[tuple[str, str, str, str, str]]:
-    """(table, column, referred table, referred column, the table's first key column) for every foreign key."""
-    return [
-        (table.name, key.parent.name, key.column.table.name, key.column.name, next(iter(table.primary_key)).name)
-        for table in Base.metadata.sorted_tables
-        for key in sorted(table.foreign_keys, key=lambda key: key.parent.name)
-    ]
+    """(table, column, referred table, referred column, the table's first key column) for every foreign key, and
+    every reference the application keeps instead of one (`kept_reference`)."""
+    keys: list[tuple[str, str, str, str, str]] = []
+    for table in Base.metadata.sorted_tables:
+        first_key = next(iter(table.primary_key)).name
+        references = {key.parent.name: (key.column.table.name, key.column.name) for key in table.foreign_keys}
+        for each in table.columns:
+            if "references" in each.info:
+                referred, referred_column = each.info["references"].split(".")
+                references[each.name] = (referred, referred_column)
+        keys.extend((table.name, column, *references[column], first_key) for column in sorted(references))
+    return keys
 
 
 async def _check_references(context: _Context) -> CheckResult:
@@ -1521,7 +1528,8 @@ async def _check_references(context: _Context) -> CheckResult:
         context,
         "references",
         "every row's customer, order, offer, campaign, send, code and event exists",
-        "Foreign keys hold these; a row pointing nowhere was written or deleted around them.",
+        "Foreign keys hold these, and on the send path the statements that write them (a kept reference); a row "
+        "pointing nowhere was written or deleted around them.",
     )
     keys = _foreign_keys()
     for table in dict.fromkeys(table for table, *_rest in keys):

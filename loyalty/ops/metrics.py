@@ -1,9 +1,9 @@
 """Every Prometheus metric of the service's own work, defined once, in the registry `/metrics` serves.
 
 The metrics live at module import, so building the application many times (as the tests do) never registers a
-name twice. Request metrics come from litestar's PrometheusMiddleware (prefix `loyalty`); these cover the work
-that happens outside a request's own timing: recalculation runs, campaign sends, webhook deliveries, real-time
-re-scores, and the database connection pools, read at scrape time.
+name twice. Request metrics are recorded by `loyalty.lib.middleware.RequestMiddleware` through `REQUEST_METRICS`;
+the others cover the work that happens outside a request's own timing: recalculation runs, campaign sends, webhook
+deliveries, real-time re-scores, and the database connection pools, read at scrape time.
 
 Recording goes through the small functions below: each swallows (and logs) its own errors, because a metric
 must never fail the request or the job it observes.
@@ -93,6 +93,60 @@ RESCORE_CUSTOMERS = Counter("loyalty_rescore_customers_total", "Customers re-sco
 RESCORE_DURATION = Histogram(
     "loyalty_rescore_duration_seconds", "Time of one real-time re-score, inside its request.", buckets=RESCORE_BUCKETS
 )
+
+
+# Named, described and labelled as litestar's PrometheusMiddleware (prefix `loyalty`) named them before the request
+# middleware took them over, so dashboards and alerts keep working.
+REQUEST_LABELS = ("method", "path", "status_code", "app_name")
+APP_NAME = "loyalty"
+REQUESTS = Counter("loyalty_requests_total", "Total requests", REQUEST_LABELS)
+REQUEST_ERRORS = Counter("loyalty_requests_error_total", "Total errors in requests", REQUEST_LABELS)
+REQUEST_DURATION = Histogram("loyalty_request_duration_seconds", "Request duration, in seconds", REQUEST_LABELS)
+REQUESTS_IN_PROGRESS = Gauge(
+    "loyalty_requests_in_progress",
+    "Total requests currently in progress",
+    REQUEST_LABELS,
+    multiprocess_mode="livesum",
+)
+
+
+class RequestMetrics:
+    """Records the request metrics, labelled by method, route path template and status.
+
+    Each label combination's children are looked up once and kept: `labels()` checks and converts its values and
+    takes a lock on every call, four times a request. There are as many combinations as the metrics hold anyway.
+    """
+
+    def __init__(self) -> None:
+        self._in_progress: dict[tuple[str, str], Any] = {}
+        self._finished: dict[tuple[str, str, int], tuple[Any, Any, Any]] = {}
+
+    def _gauge(self, method: str, path: str) -> Any:
+        child = self._in_progress.get((method, path))
+        if child is None:
+            # Litestar labelled requests in progress with the status they start with: 200.
+            child = self._in_progress[(method, path)] = REQUESTS_IN_PROGRESS.labels(method, path, 200, APP_NAME)
+        return child
+
+    def started(self, method: str, path: str) -> None:
+        self._gauge(method, path).inc()
+
+    def finished(self, method: str, path: str, status: int, seconds: float) -> None:
+        self._gauge(method, path).dec()
+        children = self._finished.get((method, path, status))
+        if children is None:
+            labels = (method, path, status, APP_NAME)
+            errors = REQUEST_ERRORS.labels(*labels) if status >= 500 else None
+            children = (REQUESTS.labels(*labels), REQUEST_DURATION.labels(*labels), errors)
+            self._finished[(method, path, status)] = children
+        requests, duration, errors = children
+        requests.inc()
+        duration.observe(seconds)
+        if errors is not None:
+            errors.inc()
+
+
+REQUEST_METRICS = RequestMetrics()
 
 
 def never_raises(function: Callable[P, None]) -> Callable[P, None]:

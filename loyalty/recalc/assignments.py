@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -17,15 +18,18 @@ from loyalty.lib.money import format_money
 from loyalty.scoring.config import ScoringConfig
 from loyalty.scoring.figures import Figures, ReferralFigures
 from loyalty.scoring.scores import SCORE_NAMES, Scores, raw_for_score
-from loyalty.tiers.config import FIGURES, TiersConfig
+from loyalty.tiers.config import TiersConfig
 from loyalty.tiers.rules import (
     Assignment,
     CustomerFacts,
     Decision,
+    DecisionColumns,
     Missing,
+    Progress,
     TierState,
     assign,
     evaluate,
+    evaluate_columns,
     phrase_missing,
 )
 
@@ -46,23 +50,55 @@ class ValueTranslator:
     current_raw: dict[str, float]
 
     def missing_for_score(self, score: str, target: float, facts: CustomerFacts) -> Missing | None:
-        needed_raw = _raw_target(self.cutoffs, score, target)
-        current = self.current_raw.get(score, 0.0)
-        if needed_raw is None:
-            return Missing(figure=f"{score}_score", needed=max(0.0, target - facts.scores.get(score, 0.0)))
-        gap = max(0.0, needed_raw - current)
-        if score == "value" and self.config.value_blend < 1:
-            return Missing(figure="net_spend", needed=round(gap / (1.0 - self.config.value_blend) + 0.005, 2))
-        if score == "influence" and self.config.influence.converted_referral > 0:
-            return Missing(
-                figure="converted_referrals", needed=float(math.ceil(gap / self.config.influence.converted_referral))
-            )
-        if score == "frequency":
-            return Missing(figure="occasions", needed=float(max(1, math.ceil(gap))))
-        return Missing(figure=f"{score}_score", needed=max(0.0, target - facts.scores.get(score, 0.0)))
+        current = facts.scores.get(score, 0.0)
+        return _value_missing(self.cutoffs, self.config, score, target, current, self.current_raw.get(score, 0.0))
 
     def phrase(self, missing: Missing) -> str:
         return phrase_missing(missing)
+
+
+@dataclass(frozen=True)
+class ChunkValueTranslator:
+    """``ValueTranslator`` for the customers of a chunk (``evaluate_columns``), from their raw score columns."""
+
+    cutoffs: dict[str, list[float]]
+    config: ScoringConfig
+    raw: dict[str, list[float]]
+
+    # Many customers of a chunk share their raw scores (no referral yet, one purchase): one Missing for each.
+    known: dict[tuple[str, float, float, float], Missing] = field(default_factory=dict, compare=False)
+
+    def missing_for_score_at(self, score: str, target: float, offset: int, current: float) -> Missing | None:
+        raw = self.raw[score][offset]
+        key = (score, target, current, raw)
+        missing = self.known.get(key)
+        if missing is None:
+            missing = self.known[key] = _value_missing(self.cutoffs, self.config, score, target, current, raw)
+        return missing
+
+    def phrase(self, missing: Missing) -> str:
+        return phrase_missing(missing)
+
+
+def _value_missing(
+    cutoffs: dict[str, list[float]],
+    config: ScoringConfig,
+    score: str,
+    target: float,
+    current_score: float,
+    current_raw: float,
+) -> Missing:
+    needed_raw = _raw_target(cutoffs, score, target)
+    if needed_raw is None:
+        return Missing(figure=f"{score}_score", needed=max(0.0, target - current_score))
+    gap = max(0.0, needed_raw - current_raw)
+    if score == "value" and config.value_blend < 1:
+        return Missing(figure="net_spend", needed=round(gap / (1.0 - config.value_blend) + 0.005, 2))
+    if score == "influence" and config.influence.converted_referral > 0:
+        return Missing(figure="converted_referrals", needed=float(math.ceil(gap / config.influence.converted_referral)))
+    if score == "frequency":
+        return Missing(figure="occasions", needed=float(max(1, math.ceil(gap))))
+    return Missing(figure=f"{score}_score", needed=max(0.0, target - current_score))
 
 
 # The raw value each score target needs depends only on a run's cut-offs, never on the customer: worked out once per
@@ -122,35 +158,6 @@ def facts_at(
     return facts, raw
 
 
-class ChunkFacts:
-    """``facts_at`` for a run of consecutive customers, reading only the figures the rules use: the full run's
-    per-customer inner loop, where building every figure for every customer would cost more than the rules."""
-
-    def __init__(
-        self, tiers: TiersConfig, population: tuple[Figures, ReferralFigures, Scores], start: int, stop: int
-    ) -> None:
-        figures, referrals, scores = population
-        used = used_figures(tiers)
-        columns = fact_columns(figures, referrals, scores)
-        self._figures = [(name, columns[name][start:stop].tolist()) for name in FIGURES if name in used]
-        self._paid = figures.paid_orders[start:stop].tolist()
-        self._scores = [(name, scores.score[name][start:stop].tolist()) for name in SCORE_NAMES]
-        self._raw = [(name, scores.raw[name][start:stop].tolist()) for name in SCORE_NAMES]
-
-    def at(self, offset: int) -> tuple[CustomerFacts, dict[str, float]]:
-        values = {}
-        for name, column in self._figures:
-            value = column[offset]
-            if value == value:  # not NaN: an unknown figure is left out, as in facts_at
-                values[name] = float(value)
-        facts = CustomerFacts(
-            paid_orders=int(self._paid[offset]),
-            scores={name: column[offset] for name, column in self._scores},
-            figures=values,
-        )
-        return facts, {name: column[offset] for name, column in self._raw}
-
-
 def used_figures(tiers: TiersConfig) -> frozenset[str]:
     """The figures any rule or text reads: those the conditions name, and occasions ("3 purchases so far")."""
     named = {condition.figure for tier in tiers.tier for condition in tier.conditions if condition.figure}
@@ -163,8 +170,28 @@ def decide(
     return evaluate(tiers, facts, ValueTranslator(cutoffs, tiers.scoring, raw))
 
 
-def progress_json(decision: Decision) -> dict[str, Any]:
-    progress = decision.progress
+def decide_chunk(
+    tiers: TiersConfig,
+    population: tuple[Figures, ReferralFigures, Scores, dict[str, list[float]]],
+    start: int,
+    stop: int,
+) -> DecisionColumns:
+    """``decide`` for the customers ``start:stop`` of a population at once, reading only the figures the rules use:
+    the full run's inner loop."""
+    figures, referrals, scores, cutoffs = population
+    window = slice(start, stop)
+    columns = fact_columns(figures, referrals, scores)
+    raw = {name: scores.raw[name][window].tolist() for name in SCORE_NAMES}
+    return evaluate_columns(
+        tiers,
+        figures.paid_orders[window],
+        {name: scores.score[name][window] for name in SCORE_NAMES},
+        {name: columns[name][window] for name in used_figures(tiers)},
+        ChunkValueTranslator(cutoffs, tiers.scoring, raw),
+    )
+
+
+def progress_json(progress: Progress) -> dict[str, Any]:
     return {
         "next_tier": progress.next_tier,
         "text": progress.text,
@@ -173,9 +200,46 @@ def progress_json(decision: Decision) -> dict[str, Any]:
 
 
 def _needed(missing: Missing) -> str | float:
-    if missing.figure in ("net_spend", "average_order_value", "referred_revenue", "predicted_value"):
+    if missing.figure in _MONEY_FIGURES:
         return format_money(Decimal(str(missing.needed)))
     return missing.needed
+
+
+_MONEY_FIGURES = frozenset({"net_spend", "average_order_value", "referred_revenue", "predicted_value"})
+
+
+class ProgressTexts:
+    """``json.dumps(progress_json(progress))`` for the rows of one chunk, the same text assembled from pieces each
+    encoded once: the next tier, each missing item, and whole progress objects that many customers share (prospects,
+    the top tier). The progress objects must outlive this: they are told apart by identity. ``items`` may be kept
+    from chunk to chunk of a run (amounts recur across chunks)."""
+
+    def __init__(self, items: dict[tuple[str, float], str] | None = None) -> None:
+        self._texts: dict[int, str] = {}
+        self._tiers: dict[str | None, str] = {}
+        self._items = {} if items is None else items
+
+    def text(self, progress: Progress) -> str:
+        text = self._texts.get(id(progress))
+        if text is None:
+            tier = self._tiers.get(progress.next_tier)
+            if tier is None:
+                tier = self._tiers[progress.next_tier] = json.dumps(progress.next_tier)
+            items = ", ".join([self._item(missing) for missing in progress.missing])
+            # The layout of json.dumps with its default separators.
+            text = f'{{"next_tier": {tier}, "text": {json.dumps(progress.text)}, "missing": [{items}]}}'
+            self._texts[id(progress)] = text
+        return text
+
+    def _item(self, missing: Missing) -> str:
+        key = (missing.figure, missing.needed)
+        # 0.0 and -0.0 are one key but may read differently ("-0.00"): zero is encoded every time.
+        text = self._items.get(key) if missing.needed else None
+        if text is None:
+            text = self._items[key] = (
+                f'{{"figure": {json.dumps(missing.figure)}, "needed": {json.dumps(_needed(missing))}}}'
+            )
+        return text
 
 
 MONEY_SCORE_COLUMNS = frozenset({"net_spend", "lifetime_spend", "average_order_value"})
@@ -259,7 +323,6 @@ def tier_row(
     customer_id: int, assignment: Assignment, decision: Decision, pin_reason: str | None, now: datetime
 ) -> dict[str, Any]:
     """One customer_tier row; a pin that expired is cleared with its reason."""
-    pinned = assignment.pinned_tier is not None
     return {
         "customer_id": customer_id,
         "tier": assignment.tier,
@@ -267,12 +330,17 @@ def tier_row(
         "qualified_tier": decision.tier,
         "below_since": assignment.below_since,
         "explanation": decision.explanation,
-        "progress": progress_json(decision),
+        "progress": progress_json(decision.progress),
         "pinned_tier": assignment.pinned_tier,
         "pinned_until": assignment.pinned_until,
-        "pin_reason": pin_reason if pinned else None,
+        "pin_reason": kept_pin_reason(assignment, pin_reason),
         "updated_at": now,
     }
+
+
+def kept_pin_reason(assignment: Assignment, pin_reason: str | None) -> str | None:
+    """The stored pin reason while the pin is kept; an expired pin is cleared with its reason."""
+    return pin_reason if assignment.pinned_tier is not None else None
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +19,7 @@ import numpy as np
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from loyalty.db.models import CustomerScore, CustomerTier
+from loyalty.db.models import CustomerScore
 from loyalty.db.staging import (
     Row,
     is_postgres_connection,
@@ -32,25 +32,37 @@ from loyalty.lib.money import STORAGE_FACTOR
 from loyalty.recalc.assignments import (
     INSTANT_SCORE_COLUMNS,
     MONEY_SCORE_COLUMNS,
-    ChunkFacts,
-    decide,
+    ProgressTexts,
+    decide_chunk,
+    kept_pin_reason,
     score_columns,
     state_from_row,
-    tier_row,
 )
 from loyalty.scoring.figures import Figures, ReferralFigures
 from loyalty.scoring.scores import Scores
 from loyalty.tiers.config import TiersConfig
-from loyalty.tiers.rules import assign
+from loyalty.tiers.rules import assign_decided, settled
 
 STAGE_TIER = "recalc_stage_tier"
 STAGE_SCORE = "recalc_stage_score"
-# Every column of the two tables is written; the order is the models' own.
-TIER_COLUMNS = tuple(column.name for column in CustomerTier.__table__.columns)
+# Every column of the two tables is written. The tier rows are built as tuples in this order (stage_chunk); a test
+# checks that it names every column of customer_tier.
+TIER_COLUMNS = (
+    "customer_id",
+    "tier",
+    "since",
+    "qualified_tier",
+    "below_since",
+    "explanation",
+    "progress",
+    "pinned_tier",
+    "pinned_until",
+    "pin_reason",
+    "updated_at",
+)
 # Kept beside each staged tier row for the history and the run's moves; not columns of customer_tier.
 HISTORY_COLUMNS = ("previous_tier", "changed", "kind", "reason")
 SCORE_COLUMNS = tuple(column.name for column in CustomerScore.__table__.columns)
-_TIER_INSTANTS = ("since", "below_since", "pinned_until")
 _NO_INTERESTS = "[]"
 
 
@@ -69,6 +81,8 @@ class RunContext:
     now: datetime
     started_at: datetime
     postgres: bool
+    # The missing items of progress texts as JSON, kept from chunk to chunk (see ProgressTexts).
+    progress_items: dict[tuple[str, float], str] = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -80,36 +94,76 @@ class StagedChunk:
 def stage_chunk(context: RunContext, start: int, stop: int, states: dict[int, Any]) -> StagedChunk:
     """Apply the rules to customers ``start:stop`` of the population and build their rows in storage form.
 
-    A customer re-scored in real time after the run began is left out: that tier comes from newer data.
+    The decisions and their texts are made for the whole chunk at once (``evaluate_columns``); only what is stored
+    is worked out customer by customer, from the decision and the stored row. A customer re-scored in real time
+    after the run began is left out: that tier comes from newer data.
     """
-    tiers, postgres, now = context.tiers, context.postgres, context.now
-    facts = ChunkFacts(tiers, (context.figures, context.referrals, context.scores), start, stop)
+    tiers, postgres, now, started_at = context.tiers, context.postgres, context.now, context.started_at
+    population = (context.figures, context.referrals, context.scores, context.cutoffs)
+    decided = decide_chunk(tiers, population, start, stop)
     ids = context.figures.customer_id[start:stop].tolist()
     now_stored = stored_instant(postgres, now)
+    # Most customers share a few instants (the run that set their tier): each is encoded once per chunk.
+    instants: dict[datetime | None, Any] = {None: None, now: now_stored}
+    progress = ProgressTexts(context.progress_items)
     kept: list[int] = []
     tier_rows: list[Row] = []
     for offset, customer_id in enumerate(ids):
         stored = states.get(customer_id)
-        if stored is not None and stored.updated_at > context.started_at:
+        if stored is not None and stored.updated_at > started_at:
             continue
         kept.append(offset)
-        state = state_from_row(stored)
-        pin_reason = stored.pin_reason if stored is not None else None
-        customer_facts, raw = facts.at(offset)
-        decision = decide(tiers, customer_facts, raw, context.cutoffs)
-        assignment = assign(tiers, state, decision, now, allow_downgrade=True, pin_reason=pin_reason)
-        row = tier_row(customer_id, assignment, decision, pin_reason, now)
-        row["progress"] = json.dumps(row["progress"])
-        row["updated_at"] = now_stored
-        for name in _TIER_INSTANTS:
-            row[name] = stored_instant(postgres, row[name])
+        decided_tier, detail = decided.tiers[offset], decided.details[offset]
+        if stored is None or (stored.pinned_tier is None and stored.tier == decided_tier):
+            # The commonest cases, without the objects of the general path below.
+            previous = None if stored is None else stored.tier
+            since, below_since, changed, kind, reason = settled(
+                previous, None if stored is None else stored.since, detail, now
+            )
+            tier, pinned_tier, pinned_until, pin_reason = decided_tier, None, None, None
+        else:
+            previous = stored.tier
+            assignment = assign_decided(
+                tiers,
+                state_from_row(stored),
+                decided_tier,
+                detail,
+                now,
+                allow_downgrade=True,
+                pin_reason=stored.pin_reason,
+            )
+            tier, since, below_since, changed = (
+                assignment.tier,
+                assignment.since,
+                assignment.below_since,
+                assignment.changed,
+            )
+            kind, reason = assignment.kind, assignment.reason
+            pinned_tier, pinned_until = assignment.pinned_tier, assignment.pinned_until
+            pin_reason = kept_pin_reason(assignment, stored.pin_reason)
+        if since not in instants:
+            instants[since] = stored_instant(postgres, since)
+        if below_since not in instants:
+            instants[below_since] = stored_instant(postgres, below_since)
+        if pinned_until not in instants:
+            instants[pinned_until] = stored_instant(postgres, pinned_until)
         tier_rows.append(
             (
-                *(row[name] for name in TIER_COLUMNS),
-                state.tier,
-                assignment.changed,
-                assignment.kind,
-                assignment.reason,
+                customer_id,
+                tier,
+                instants[since],
+                decided_tier,
+                instants[below_since],
+                decided.explanations[offset],
+                progress.text(decided.progress[offset]),
+                pinned_tier,
+                instants[pinned_until],
+                pin_reason,
+                now_stored,
+                previous,
+                changed,
+                kind,
+                reason,
             )
         )
     positions = np.asarray(kept, dtype=np.int64) + start

@@ -11,7 +11,6 @@ from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.access import guards
-from loyalty.db.session import single_statement
 from loyalty.lib.errors import NOT_FOUND, VALIDATION, FieldError, ProblemError, problem_responses
 from loyalty.lib.schemas import ExternalIdPath
 from loyalty.recalc import incremental
@@ -33,9 +32,7 @@ class CustomerTierController(Controller):
     )
     async def get_badge(self, request: Request[Any, Any, Any], customer_id: ExternalIdPath) -> schemas.TierBadge:
         """The tier badge: tier, benefits and progress to the next tier (one indexed read)."""
-        # The storefront's hottest read is one statement: no session and no BEGIN/COMMIT round trips around it.
-        async with single_statement(request.app.state.engine) as connection:
-            return await services.badge(connection, request.app.state.tiers, customer_id)
+        return await services.storefront_badge(request.app.state.engine, request.app.state.tiers, customer_id)
 
     @put(
         "/tier-pin",

@@ -20,11 +20,11 @@ the facts (or NaN) fails every condition on it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
@@ -33,6 +33,7 @@ from loyalty.tiers.config import SCORES, Condition, Tier, TiersConfig
 
 PROSPECT = "prospect"
 _PROSPECT_FALLBACK_NAME = "Prospect"
+_NO_PAID_ORDER = "no paid order yet"
 _RELATIVE_TOLERANCE = 1e-9
 _EMPTY: Mapping[str, float] = MappingProxyType({})
 
@@ -150,16 +151,40 @@ class DefaultScoreTranslator:
     __slots__ = ()
 
     def missing_for_score(self, score: str, target: float, facts: CustomerFacts) -> Missing | None:
-        current = facts.scores.get(score)
-        if current is None or math.isnan(current):
-            return Missing(f"{score}_score", target, target=target)
-        return Missing(f"{score}_score", target - current, current=current, target=target)
+        return _score_points_missing(score, target, facts.scores.get(score))
 
     def phrase(self, missing: Missing) -> str:
         return phrase_missing(missing)
 
 
 DEFAULT_TRANSLATOR = DefaultScoreTranslator()
+
+
+class ColumnScoreTranslator(Protocol):
+    """A ``ScoreTranslator`` for many customers at once (``evaluate_columns``): ``offset`` is the customer's place
+    in the columns and ``current`` their score (NaN when unknown), in place of the facts of one customer."""
+
+    def missing_for_score_at(self, score: str, target: float, offset: int, current: float) -> Missing | None: ...
+
+    def phrase(self, missing: Missing) -> str: ...
+
+
+class DefaultColumnTranslator:
+    """``DefaultScoreTranslator`` for columns: speaks in score points."""
+
+    __slots__ = ()
+
+    def missing_for_score_at(self, score: str, target: float, offset: int, current: float) -> Missing | None:
+        return _score_points_missing(score, target, current)
+
+    def phrase(self, missing: Missing) -> str:
+        return phrase_missing(missing)
+
+
+def _score_points_missing(score: str, target: float, current: float | None) -> Missing:
+    if current is None or math.isnan(current):
+        return Missing(f"{score}_score", target, target=target)
+    return Missing(f"{score}_score", target - current, current=current, target=target)
 
 
 # --- Words ------------------------------------------------------------------------------------------------------
@@ -233,13 +258,15 @@ def _describe_condition(condition: Condition) -> str:
     return f"{words.plural} {_bounds_text(words, condition)}"
 
 
-def _describe_fact(condition: Condition, value: float) -> str:
-    """The rule with the customer's figure: "value score 86 ≥ 80", "3 purchase occasions ≥ 2"."""
+def _fact_describer(condition: Condition) -> Callable[[float], str]:
+    """The rule with the customer's figure: "value score 86 ≥ 80", "3 purchase occasions ≥ 2"; the words and
+    bounds are worked out once per condition, the figure per customer."""
     words = _words_for(condition.subject)
     bounds = _bounds_text(words, condition)
     if words.style == "count":
-        return f"{_number(value)} {_plural(value, words.singular, words.plural)} {bounds}"
-    return f"{words.singular} {_format_value(words, value)} {bounds}"
+        singular, plural = words.singular, words.plural
+        return lambda value: f"{_number(value)} {_plural(value, singular, plural)} {bounds}"
+    return lambda value: f"{words.singular} {_format_value(words, value)} {bounds}"
 
 
 def describe_rule(tier: Tier) -> str:
@@ -317,6 +344,7 @@ class _Check:
     name: str
     lower: float
     upper: float
+    describe: Callable[[float], str] = field(compare=False)  # the fact in words: see _fact_describer
 
     def value(self, facts: CustomerFacts) -> float:
         return (facts.scores if self.is_score else facts.figures).get(self.name, math.nan)
@@ -357,7 +385,7 @@ def _compile_check(condition: Condition) -> _Check:
         lower = condition.gte - _tolerance(condition.gte)
     if condition.lte is not None:
         upper = condition.lte + _tolerance(condition.lte)
-    return _Check(condition, condition.score is not None, condition.subject, lower, upper)
+    return _Check(condition, condition.score is not None, condition.subject, lower, upper, _fact_describer(condition))
 
 
 def _compile(config: TiersConfig) -> _Rules:
@@ -374,7 +402,7 @@ def _compile(config: TiersConfig) -> _Rules:
         paying,
         prospect_name,
         (*(compiled.tier.id for compiled in paying), PROSPECT),
-        Decision(PROSPECT, (), f"{prospect_name}: no paid order yet", first_order),
+        Decision(PROSPECT, (), f"{prospect_name}: {_NO_PAID_ORDER}", first_order),
     )
 
 
@@ -505,6 +533,180 @@ def _column_matches(
     return combined
 
 
+# --- Evaluation by columns --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionColumns:
+    """``evaluate`` for many customers, one entry per customer in each list: the tier id, the explanation's detail
+    (without the leading tier name: what ``assign_decided`` quotes), the explanation and the progress."""
+
+    tiers: list[str]
+    details: list[str]
+    explanations: list[str]
+    progress: list[Progress]
+
+
+_DEFAULT_COLUMN_TRANSLATOR = DefaultColumnTranslator()
+
+
+def evaluate_columns(
+    config: TiersConfig,
+    paid_orders: ArrayLike,
+    scores: Mapping[str, ArrayLike],
+    figures: Mapping[str, ArrayLike],
+    translator: ColumnScoreTranslator | None = None,
+) -> DecisionColumns:
+    """``evaluate`` for every customer of the columns (read as ``rank_many`` reads them), with the same texts.
+
+    The full recalculation's inner loop: customers are grouped by their tier and by which conditions of it (for the
+    explanation) and of the tier above (for the progress) hold, and each group is worded condition by condition over
+    plain floats, with the same wording functions as ``evaluate``, instead of customer by customer through facts.
+    """
+    rules = _rules_for(config)
+    wording = translator or _DEFAULT_COLUMN_TRANSLATOR
+    paid = np.asarray(paid_orders)
+    size = paid.shape[0]
+    ranks = rank_many(config, paid, scores, figures)
+    columns = _Columns(scores, figures, size)
+    prospect = rules.prospect_decision
+    details = [_NO_PAID_ORDER] * size
+    explanations = [prospect.explanation] * size
+    progress = [prospect.progress] * size
+    for index in np.unique(ranks).tolist():
+        if index == rules.prospect_rank:
+            continue
+        members = np.flatnonzero(ranks == index)
+        compiled = rules.paying[index]
+        prefix = f"{compiled.tier.name}: "
+        group_details = _column_details(compiled, members, columns, paid)
+        group_progress = _column_progress(rules, index, members, columns, wording)
+        for position, detail, step in zip(members.tolist(), group_details, group_progress, strict=True):
+            details[position] = detail
+            explanations[position] = prefix + detail
+            progress[position] = step
+    order = rules.order
+    return DecisionColumns([order[r] for r in ranks.tolist()], details, explanations, progress)
+
+
+class _Columns:
+    """The chunk's value of each score or figure a check reads (NaN where unknown), and where each check holds."""
+
+    def __init__(self, scores: Mapping[str, ArrayLike], figures: Mapping[str, ArrayLike], size: int) -> None:
+        self._sources = (figures, scores)
+        self._size = size
+        self._values: dict[tuple[bool, str], NDArray[np.float64]] = {}
+        self._holds: dict[int, NDArray[np.bool_]] = {}
+
+    def values(self, is_score: bool, name: str) -> NDArray[np.float64]:
+        key = (is_score, name)
+        if key not in self._values:
+            column = self._sources[is_score].get(name)
+            if column is None:
+                self._values[key] = np.full(self._size, np.nan)
+            else:
+                self._values[key] = np.asarray(column, dtype=np.float64)
+        return self._values[key]
+
+    def holds(self, check: _Check) -> NDArray[np.bool_]:
+        known = self._holds.get(id(check))
+        if known is None:
+            values = self.values(check.is_score, check.name)
+            known = self._holds[id(check)] = (values >= check.lower) & (values <= check.upper)
+        return known
+
+
+def _column_details(
+    compiled: _CompiledTier, members: NDArray[np.intp], columns: _Columns, paid: NDArray[Any]
+) -> list[str]:
+    """The explanation's detail of each member of the tier, as ``_decision`` words it."""
+    if not compiled.checks:
+        occasions = columns.values(False, "occasions")[members]
+        counts = np.where(np.isnan(occasions), paid[members].astype(np.float64), occasions)
+        return _worded(_purchases_text, counts.tolist())
+    details = [""] * members.size
+    checks = compiled.checks
+    held = [columns.holds(check)[members] for check in checks]
+    for selected, which in _patterns(held):
+        positions = members[selected]
+        parts = [
+            _worded(check.describe, columns.values(check.is_score, check.name)[positions].tolist())
+            for check, holds in zip(checks, which, strict=True)
+            if holds
+        ]
+        texts = parts[0] if len(parts) == 1 else [" and ".join(words) for words in zip(*parts, strict=True)]
+        for place, text in zip(selected.tolist(), texts, strict=False):
+            details[place] = text
+    return details
+
+
+def _column_progress(
+    rules: _Rules, index: int, members: NDArray[np.intp], columns: _Columns, translator: ColumnScoreTranslator
+) -> list[Progress]:
+    """The progress of each member of paying tier ``index`` to the tier above, as ``_progress`` words it."""
+    if index == 0:
+        return [_TOP_TIER_PROGRESS] * members.size
+    target = rules.paying[index - 1]
+    meets = _meets_rule(target)
+    if not target.checks:
+        return [meets] * members.size
+    result = [meets] * members.size
+    checks = target.checks
+    held = [columns.holds(check)[members] for check in checks]
+    for selected, which in _patterns(held):
+        if target.any and any(which):
+            continue
+        positions = members[selected]
+        failing = [
+            _column_gaps(check, columns.values(check.is_score, check.name)[positions].tolist(), positions, translator)
+            for check, holds in zip(checks, which, strict=True)
+            if not holds
+        ]
+        for place, gaps in zip(selected.tolist(), zip(*failing, strict=True), strict=True):
+            result[place] = _progress_from_gaps(target, gaps)
+    return result
+
+
+def _column_gaps(
+    check: _Check, values: list[float], positions: NDArray[np.intp], translator: ColumnScoreTranslator
+) -> list[tuple[Missing, str]]:
+    """``_gap`` for a failing check, for each of the customers at ``positions`` (values are theirs)."""
+    if not check.is_score:
+        return _worded(lambda value: _figure_gap(check, _failed_bound(check, value), value), values)
+    gaps: list[tuple[Missing, str]] = []
+    for value, offset in zip(values, positions.tolist(), strict=True):
+        target = _failed_bound(check, value)
+        translated = translator.missing_for_score_at(check.name, target, offset, value)
+        gaps.append(_score_gap(check.name, target, translated, translator.phrase, value))
+    return gaps
+
+
+def _patterns(held: list[NDArray[np.bool_]]) -> Iterator[tuple[NDArray[np.intp], tuple[bool, ...]]]:
+    """The customers (indices into the columns of ``held``) that share each combination of checks holding."""
+    codes = np.zeros(held[0].size, dtype=np.int64)
+    for bit, holds in enumerate(held):
+        codes |= holds.astype(np.int64) << bit
+    for code in np.unique(codes).tolist():
+        yield np.flatnonzero(codes == code), tuple(bool(code >> bit & 1) for bit in range(len(held)))
+
+
+_Worded = TypeVar("_Worded")
+
+
+def _worded(word: Callable[[float], _Worded], values: list[float]) -> list[_Worded]:
+    """``word(value)`` for each value, computed once per distinct value (figures repeat a lot within a chunk)."""
+    known: dict[float, _Worded] = {}
+    result: list[_Worded] = []
+    append = result.append
+    for value in values:
+        text = known.get(value)
+        # 0.0 and -0.0 are one key but may read differently ("-0.00"): zero is worded every time.
+        if text is None or not value:
+            text = known[value] = word(value)
+        append(text)
+    return result
+
+
 def _decision(rules: _Rules, index: int, facts: CustomerFacts, translator: ScoreTranslator) -> Decision:
     if index == rules.prospect_rank:
         return rules.prospect_decision
@@ -520,7 +722,7 @@ def _decision(rules: _Rules, index: int, facts: CustomerFacts, translator: Score
             value = check.value(facts)
             if check.holds(value):
                 conditions.append(check.condition)
-                facts_text.append(_describe_fact(check.condition, value))
+                facts_text.append(check.describe(value))
         matched = tuple(conditions)
         detail = " and ".join(facts_text)
     return Decision(tier.id, matched, f"{tier.name}: {detail}", _progress(rules, index, facts, translator))
@@ -531,6 +733,10 @@ def _purchases_so_far(facts: CustomerFacts) -> str:
     count = facts.figures.get("occasions", math.nan)
     if math.isnan(count):
         count = float(facts.paid_orders)
+    return _purchases_text(count)
+
+
+def _purchases_text(count: float) -> str:
     if count == 1:
         return "one purchase so far"
     return f"{_number(count)} purchases so far"
@@ -558,21 +764,32 @@ def _progress(rules: _Rules, index: int, facts: CustomerFacts, translator: Score
         return rules.prospect_decision.progress
     target = rules.paying[index - 1]
     if not target.checks:
-        return Progress(target.tier.id, f"meets the rule for {target.tier.name}", ())
+        return _meets_rule(target)
     values = [(check, check.value(facts)) for check in target.checks]
     if target.any and any(check.holds(value) for check, value in values):
-        return Progress(target.tier.id, f"meets the rule for {target.tier.name}", ())
+        return _meets_rule(target)
+    return _progress_from_gaps(
+        target, [_gap(check, value, facts, translator) for check, value in values if not check.holds(value)]
+    )
+
+
+def _meets_rule(target: _CompiledTier) -> Progress:
+    return Progress(target.tier.id, f"meets the rule for {target.tier.name}", ())
+
+
+def _progress_from_gaps(target: _CompiledTier, gaps: Sequence[tuple[Missing, str]]) -> Progress:
+    """The progress to ``target`` from what each failing condition of it still needs (the same phrase once)."""
+    if len(gaps) == 1:
+        missing, phrase = gaps[0]
+        return Progress(target.tier.id, phrase, (missing,))
     items: list[Missing] = []
     phrases: list[str] = []
-    for check, value in values:
-        if check.holds(value):
-            continue
-        missing, phrase = _gap(check, value, facts, translator)
+    for missing, phrase in gaps:
         if phrase not in phrases:
             items.append(missing)
             phrases.append(phrase)
     if not phrases:
-        return Progress(target.tier.id, f"meets the rule for {target.tier.name}", ())
+        return _meets_rule(target)
     joiner = " or " if target.any else " and "
     return Progress(target.tier.id, joiner.join(phrases), tuple(items))
 
@@ -592,16 +809,25 @@ def _gap(check: _Check, value: float, facts: CustomerFacts, translator: ScoreTra
     target = _failed_bound(check, value)
     if check.is_score:
         translated = translator.missing_for_score(check.name, target, facts)
-        if translated is not None:
-            return translated, translator.phrase(translated)
-        fallback = DEFAULT_TRANSLATOR.missing_for_score(check.name, target, facts)
-        assert fallback is not None  # the default translator always answers
-        return fallback, phrase_missing(fallback)
-    words = _words_for(check.name)
+        return _score_gap(check.name, target, translated, translator.phrase, facts.scores.get(check.name))
+    return _figure_gap(check, target, value)
+
+
+def _score_gap(
+    score: str, target: float, translated: Missing | None, phrase: Callable[[Missing], str], current: float | None
+) -> tuple[Missing, str]:
+    """A translator's answer with its phrase, or the default wording in score points when it has none."""
+    if translated is not None:
+        return translated, phrase(translated)
+    fallback = _score_points_missing(score, target, current)
+    return fallback, phrase_missing(fallback)
+
+
+def _figure_gap(check: _Check, target: float, value: float) -> tuple[Missing, str]:
     if math.isnan(value):
         missing = Missing(check.name, target, target=target)
         return missing, f"needs {_describe_condition(check.condition)}"
-    missing = Missing(check.name, _round_need(words, target - value), current=value, target=target)
+    missing = Missing(check.name, _round_need(_words_for(check.name), target - value), current=value, target=target)
     return missing, phrase_missing(missing)
 
 
@@ -681,23 +907,50 @@ def assign(
     ``since`` becomes ``now`` when the tier changes and is otherwise kept (``now`` if it was never stored).
     ``pin_reason`` is the marketing reason quoted in the history text of a pin.
     """
+    detail = _detail(config, decision)
+    return assign_decided(
+        config, current, decision.tier, detail, now, allow_downgrade=allow_downgrade, pin_reason=pin_reason
+    )
+
+
+def assign_decided(
+    config: TiersConfig,
+    current: TierState,
+    decided: str,
+    detail: str,
+    now: datetime,
+    *,
+    allow_downgrade: bool,
+    pin_reason: str | None = None,
+) -> Assignment:
+    """``assign`` for a decision given as its tier and its explanation without the leading tier name, as
+    ``evaluate_columns`` gives them."""
     pinned_tier, pinned_until = current.pinned_tier, current.pinned_until
     if pinned_tier is not None:
         if pin_in_force(config, pinned_tier, pinned_until, now):
             return _pinned(current, pinned_tier, pinned_until, now, pin_reason)
-        expired = _pin_expired(config, current, decision, now)
+        expired = _pin_expired(config, current, decided, detail, now)
         if expired is not None:
             return expired
-    if current.tier is None:
-        return Assignment(decision.tier, now, None, True, "initial", f"initial: {_detail(config, decision)}")
+    if current.tier is None or current.tier == decided:
+        return Assignment(decided, *settled(current.tier, current.since, detail, now))
     since = current.since or now
-    if current.tier == decision.tier:
-        return Assignment(current.tier, since, None, False, "unchanged", f"unchanged: {_detail(config, decision)}")
     if not _is_configured(config, current.tier):
-        return _replace_unconfigured(config, current.tier, decision, now)
-    if rank(config, decision.tier) < rank(config, current.tier):
-        return Assignment(decision.tier, now, None, True, "upgrade", f"upgrade: {_detail(config, decision)}")
-    return _lower(config, current.tier, since, current.below_since, decision, now, allow_downgrade)
+        return _replace_unconfigured(current.tier, decided, detail, now)
+    if rank(config, decided) < rank(config, current.tier):
+        return Assignment(decided, now, None, True, "upgrade", f"upgrade: {detail}")
+    return _lower(config, current.tier, since, current.below_since, decided, detail, now, allow_downgrade)
+
+
+def settled(
+    stored: str | None, since: datetime | None, detail: str, now: datetime
+) -> tuple[datetime, None, bool, AssignmentKind, str]:
+    """What ``assign_decided`` stores besides the tier in its two commonest cases, as plain values for the full
+    run's inner loop: no stored tier (``initial``), or the decided tier stored already (``unchanged``), either way
+    without a pin (the caller checks that). ``since``, ``below_since``, ``changed``, ``kind``, ``reason``."""
+    if stored is None:
+        return now, None, True, "initial", f"initial: {detail}"
+    return since or now, None, False, "unchanged", f"unchanged: {detail}"
 
 
 def _pinned(
@@ -712,7 +965,9 @@ def _pinned(
     return Assignment(pinned_tier, now, None, True, "pinned", reason, pinned_tier, pinned_until)
 
 
-def _pin_expired(config: TiersConfig, current: TierState, decision: Decision, now: datetime) -> Assignment | None:
+def _pin_expired(
+    config: TiersConfig, current: TierState, decided: str, detail: str, now: datetime
+) -> Assignment | None:
     """The decision applied at once over an expired pin; None when there is no stored tier to replace."""
     if current.tier is None:
         return None
@@ -720,17 +975,17 @@ def _pin_expired(config: TiersConfig, current: TierState, decision: Decision, no
         ended = f"pin expired {_as_text(current.pinned_until)}"
     else:
         ended = f"pin to {current.pinned_tier}, no longer configured, dropped"
-    if current.tier == decision.tier:
-        reason = f"unchanged, {ended}: {_detail(config, decision)}"
+    if current.tier == decided:
+        reason = f"unchanged, {ended}: {detail}"
         return Assignment(current.tier, current.since or now, None, False, "unchanged", reason)
-    return Assignment(decision.tier, now, None, True, "pin_expired", f"{ended}: {_detail(config, decision)}")
+    return Assignment(decided, now, None, True, "pin_expired", f"{ended}: {detail}")
 
 
-def _replace_unconfigured(config: TiersConfig, stored_tier: str, decision: Decision, now: datetime) -> Assignment:
+def _replace_unconfigured(stored_tier: str, decided: str, detail: str, now: datetime) -> Assignment:
     stable = (*_STABLE_ORDER, stored_tier)
-    kind: AssignmentKind = "upgrade" if _STABLE_ORDER.index(decision.tier) < stable.index(stored_tier) else "downgrade"
-    reason = f"{kind}: {stored_tier} is no longer a configured tier; {_detail(config, decision)}"
-    return Assignment(decision.tier, now, None, True, kind, reason)
+    kind: AssignmentKind = "upgrade" if _STABLE_ORDER.index(decided) < stable.index(stored_tier) else "downgrade"
+    reason = f"{kind}: {stored_tier} is no longer a configured tier; {detail}"
+    return Assignment(decided, now, None, True, kind, reason)
 
 
 # The stable ids from best to lowest: orders a stored tier that a changed config no longer defines.
@@ -742,14 +997,14 @@ def _lower(
     tier_id: str,
     since: datetime,
     below_since: datetime | None,
-    decision: Decision,
+    decided: str,
+    detail: str,
     now: datetime,
     allow_downgrade: bool,
 ) -> Assignment:
     name = _tier_name(config, tier_id)
     started = below_since or now
-    detail = _detail(config, decision)
-    if decision.tier == PROSPECT:
+    if decided == PROSPECT:
         if allow_downgrade:
             return Assignment(PROSPECT, now, None, True, "downgrade", f"downgrade without grace: {detail}")
         reason = f"held in {name}: no paid order left, downgrade at the next full recalculation"
@@ -760,7 +1015,7 @@ def _lower(
     if now >= grace_ends:
         if allow_downgrade:
             reason = f"downgrade after {grace_days}-day grace: {detail}" if grace_days else f"downgrade: {detail}"
-            return Assignment(decision.tier, now, None, True, "downgrade", reason)
+            return Assignment(decided, now, None, True, "downgrade", reason)
         ended = f"grace ended {_as_text(grace_ends)}, " if grace_days else ""
         reason = f"held in {name}: {ended}downgrade at the next full recalculation"
         return Assignment(tier_id, since, started, False, "held", reason)
@@ -772,22 +1027,28 @@ __all__ = [
     "PROSPECT",
     "Assignment",
     "AssignmentKind",
+    "ColumnScoreTranslator",
     "CustomerFacts",
     "Decision",
+    "DecisionColumns",
+    "DefaultColumnTranslator",
     "DefaultScoreTranslator",
     "Missing",
     "Progress",
     "ScoreTranslator",
     "TierState",
     "assign",
+    "assign_decided",
     "decide_tier",
     "describe_rule",
     "evaluate",
+    "evaluate_columns",
     "evaluate_many",
     "phrase_missing",
     "pin_in_force",
     "progress_for",
     "rank",
     "rank_many",
+    "settled",
     "tier_order",
 ]

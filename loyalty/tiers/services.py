@@ -7,11 +7,11 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from loyalty.db.dialect import bulk_upsert
 from loyalty.db.models import Customer, CustomerScore, CustomerTier, RecalcRun, TierHistory
-from loyalty.db.session import read_only
+from loyalty.db.session import read_first, read_only
 from loyalty.lib.clock import utcnow
 from loyalty.lib.errors import NOT_FOUND, ProblemError, field_problem
 from loyalty.offers.welcome import issue_welcome_offers
@@ -84,9 +84,19 @@ _BADGE_QUERY = (
 )
 
 
-async def badge(reader: AsyncSession | AsyncConnection, tiers: TiersConfig, external_id: str) -> schemas.TierBadge:
+async def badge(session: AsyncSession, tiers: TiersConfig, external_id: str) -> schemas.TierBadge:
     """One indexed read: the customer's unique id joined to their tier row by primary key."""
-    row = (await reader.execute(_BADGE_QUERY, {"external_id": external_id})).first()
+    row = (await session.execute(_BADGE_QUERY, {"external_id": external_id})).first()
+    return _found_badge(tiers, external_id, row)
+
+
+async def storefront_badge(engine: AsyncEngine, tiers: TiersConfig, external_id: str) -> schemas.TierBadge:
+    """The same read for the storefront's hottest call: no session, and on PostgreSQL no BEGIN/COMMIT round trips
+    around the one statement (`read_first`)."""
+    return _found_badge(tiers, external_id, await read_first(engine, _BADGE_QUERY, {"external_id": external_id}))
+
+
+def _found_badge(tiers: TiersConfig, external_id: str, row: Any) -> schemas.TierBadge:
     if row is None:
         raise ProblemError(NOT_FOUND, f"No customer with customer_id {external_id!r}")
     return badge_from_row(tiers, external_id, row)

@@ -6,10 +6,22 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, CheckConstraint, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
-from loyalty.db.base import Base, BigIntPK, CreatedAtMixin, IdMixin
+from loyalty.db.base import Base, BigIntPK, CreatedAtMixin, IdMixin, kept_reference
 from loyalty.db.types import DateTimeUTC, Money
 
 
@@ -81,11 +93,12 @@ class CampaignMember(Base):
     """Who a send reached: treatment (a code was issued) or holdout (deliberately not)."""
 
     __tablename__ = "campaign_member"
-    __table_args__ = (Index("ix_campaign_member_campaign_id_customer_id", "campaign_id", "customer_id"),)
 
-    send_id: Mapped[int] = mapped_column(BigIntPK, ForeignKey("campaign_send.id"), primary_key=True)
-    customer_id: Mapped[int] = mapped_column(BigIntPK, ForeignKey("customer.id"), primary_key=True)
-    campaign_id: Mapped[int] = mapped_column(BigIntPK, ForeignKey("campaign.id"), nullable=False)
+    # A send writes a member row per eligible customer, with codes and events, in one statement: its references
+    # are kept by that statement (see kept_reference), and a campaign's members are read through its sends' keys.
+    send_id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, info=kept_reference("campaign_send.id"))
+    customer_id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, info=kept_reference("customer.id"))
+    campaign_id: Mapped[int] = mapped_column(BigIntPK, nullable=False, info=kept_reference("campaign.id"))
     holdout: Mapped[bool] = mapped_column(Boolean, nullable=False)
 
 
@@ -95,18 +108,29 @@ class IssuedCode(IdMixin, Base):
     __tablename__ = "issued_code"
     __table_args__ = (
         UniqueConstraint("send_id", "customer_id"),
+        # One code per tier entry; partial, so the many campaign codes (no entry) add nothing to it.
+        Index(
+            "uq_issued_code_welcome_entry_id",
+            "welcome_entry_id",
+            unique=True,
+            postgresql_where=text("welcome_entry_id IS NOT NULL"),
+            sqlite_where=text("welcome_entry_id IS NOT NULL"),
+        ),
         Index("ix_issued_code_customer_id_issued_at", "customer_id", "issued_at"),
         Index("ix_issued_code_status_expires_at", "status", "expires_at"),
         CheckConstraint("uses_left >= 0", name="uses_left_non_negative"),
     )
 
     code: Mapped[str] = mapped_column(String(32), unique=True, nullable=False)
-    offer_id: Mapped[int] = mapped_column(BigIntPK, ForeignKey("offer.id"), nullable=False)
-    customer_id: Mapped[int] = mapped_column(BigIntPK, ForeignKey("customer.id"), nullable=False)
-    campaign_id: Mapped[int | None] = mapped_column(BigIntPK, ForeignKey("campaign.id"))
-    send_id: Mapped[int | None] = mapped_column(BigIntPK, ForeignKey("campaign_send.id"))
-    # The tier entry (history row) a welcome offer celebrates: one code per entry.
-    welcome_entry_id: Mapped[int | None] = mapped_column(BigIntPK, ForeignKey("tier_history.id"), unique=True)
+    # Kept by their writers (see kept_reference): a send's statement and a welcome offer's take them from the
+    # member row, tier entry, customer, campaign and offer they read or write in the same transaction.
+    offer_id: Mapped[int] = mapped_column(BigIntPK, nullable=False, info=kept_reference("offer.id"))
+    customer_id: Mapped[int] = mapped_column(BigIntPK, nullable=False, info=kept_reference("customer.id"))
+    campaign_id: Mapped[int | None] = mapped_column(BigIntPK, info=kept_reference("campaign.id"))
+    send_id: Mapped[int | None] = mapped_column(BigIntPK, info=kept_reference("campaign_send.id"))
+    # The tier entry (history row) a welcome offer celebrates: one code per entry. Kept by the welcome offer's
+    # statement, which takes it from the entry it reads (see kept_reference); campaign codes have none.
+    welcome_entry_id: Mapped[int | None] = mapped_column(BigIntPK, info=kept_reference("tier_history.id"))
     issued_at: Mapped[datetime] = mapped_column(DateTimeUTC(), nullable=False)
     expires_at: Mapped[datetime] = mapped_column(DateTimeUTC(), nullable=False)
     uses_left: Mapped[int] = mapped_column(Integer, nullable=False)
@@ -135,8 +159,9 @@ class OutboxEvent(IdMixin, CreatedAtMixin, Base):
     __table_args__ = (Index("ix_outbox_event_delivered_at_id", "delivered_at", "id"),)
 
     event_type: Mapped[str] = mapped_column(String(32), nullable=False)
-    # Whom the event is about, so an erasure can remove what it says about them.
-    customer_id: Mapped[int | None] = mapped_column(BigIntPK, ForeignKey("customer.id"), index=True)
+    # Whom the event is about, so an erasure can remove what it says about them. Kept by the writers (see
+    # kept_reference): each takes it from the row it announces, in the same transaction.
+    customer_id: Mapped[int | None] = mapped_column(BigIntPK, index=True, info=kept_reference("customer.id"))
     # Makes every producer idempotent: a retried dispatch or run announces nothing twice.
     dedupe_key: Mapped[str] = mapped_column(String(128), unique=True, nullable=False)
     occurred_at: Mapped[datetime] = mapped_column(DateTimeUTC(), nullable=False)

@@ -9,19 +9,26 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, String, Text, false
 from sqlalchemy.orm import Mapped, mapped_column
 
-from loyalty.db.base import Base, BigIntPK, IdMixin
+from loyalty.db.base import Base, BigIntPK, IdMixin, kept_reference
 from loyalty.db.types import DateTimeUTC, Money
+
+# Every full run rewrites each customer's score and tier row. Half of each page left free lets PostgreSQL write the
+# new version beside the old one without touching an index (a heap-only update), several times cheaper than a row
+# moved to another page, and prune the previous run's version when the page is next written (migration 0007).
+REWRITE_FILLFACTOR = 50
 
 
 class CustomerScore(Base):
     """The latest scores of a customer with the raw figures and model outputs behind them."""
 
     __tablename__ = "customer_score"
-    __table_args__ = (Index("ix_customer_score_value_score", "value_score"),)
+    # No index on a score: it would change with nearly every row a run writes and rule out heap-only updates.
+    __table_args__ = ({"postgresql_with": {"fillfactor": REWRITE_FILLFACTOR}},)
 
     customer_id: Mapped[int] = mapped_column(BigIntPK, ForeignKey("customer.id", ondelete="CASCADE"), primary_key=True)
-    # The full run that last scored the customer; an incremental re-score keeps it and moves `computed_at`.
-    run_id: Mapped[int | None] = mapped_column(BigIntPK, ForeignKey("recalc_run.id"))
+    # The full run that last scored the customer; an incremental re-score keeps it and moves `computed_at`. Only
+    # the run writes a new value, its own id, and runs are never deleted (see kept_reference).
+    run_id: Mapped[int | None] = mapped_column(BigIntPK, info=kept_reference("recalc_run.id"))
     as_of: Mapped[datetime] = mapped_column(DateTimeUTC(), nullable=False)
     computed_at: Mapped[datetime] = mapped_column(DateTimeUTC(), nullable=False)
     value_score: Mapped[float] = mapped_column(Float, nullable=False, default=0.0)
@@ -56,7 +63,10 @@ class CustomerTier(Base):
     """A customer's current tier, kept ready for the badge read: one row by primary key, nothing to compute."""
 
     __tablename__ = "customer_tier"
-    __table_args__ = (Index("ix_customer_tier_tier_customer_id", "tier", "customer_id"),)
+    __table_args__ = (
+        Index("ix_customer_tier_tier_customer_id", "tier", "customer_id"),
+        {"postgresql_with": {"fillfactor": REWRITE_FILLFACTOR}},
+    )
 
     customer_id: Mapped[int] = mapped_column(BigIntPK, ForeignKey("customer.id", ondelete="CASCADE"), primary_key=True)
     tier: Mapped[str] = mapped_column(String(16), nullable=False)
@@ -84,7 +94,8 @@ class TierHistory(IdMixin, Base):
     at: Mapped[datetime] = mapped_column(DateTimeUTC(), nullable=False)
     kind: Mapped[str] = mapped_column(String(16), nullable=False)
     reason: Mapped[str] = mapped_column(Text, nullable=False)
-    run_id: Mapped[int | None] = mapped_column(BigIntPK, ForeignKey("recalc_run.id"))
+    # Written by the run itself with its own id (a first run writes a row for every customer); see kept_reference.
+    run_id: Mapped[int | None] = mapped_column(BigIntPK, info=kept_reference("recalc_run.id"))
 
 
 class RecalcRun(IdMixin, Base):

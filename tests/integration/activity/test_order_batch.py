@@ -175,3 +175,23 @@ async def test_a_batch_losing_a_race_to_different_content_reports_a_conflict_and
     assert set(customers) == {"c-winner", "c-other"}
     assert stored == {"o-race": Decimal("129.90"), "o-other": Decimal("129.90")}
     assert affected == {customers["c-other"]}
+
+
+async def test_a_batch_plans_its_statements_for_their_own_parameters_until_it_commits(session_maker, database) -> None:
+    """A generic plan made while the tables were nearly empty would scan them whole as a bulk load grows them."""
+
+    async def plan_cache_mode(session: AsyncSession) -> str:
+        return str(await session.scalar(text("SHOW plan_cache_mode")))
+
+    if database.dialect != "postgresql":
+        async with session_maker() as session, session.begin():
+            await create_orders_batch(session, [order("o-plan")])  # SQLite has no plan cache to steer
+        return
+    async with session_maker() as session:
+        async with session.begin():
+            assert await plan_cache_mode(session) == "auto"
+            await create_orders_batch(session, [order("o-plan")])
+            assert await plan_cache_mode(session) == "force_custom_plan"
+        # Only that transaction: the connection goes back to the pool as it came.
+        async with session.begin():
+            assert await plan_cache_mode(session) == "auto"

@@ -117,7 +117,9 @@ async def shop(
         campaign_id = (await call("POST", "/v1/campaigns", 201, campaign))["campaign_id"]
         await dispatch_due()
         async with session_maker() as session:
-            issued = await session.execute(select(Customer.external_id, IssuedCode.code).join(IssuedCode))
+            issued = await session.execute(
+                select(Customer.external_id, IssuedCode.code).join(IssuedCode, IssuedCode.customer_id == Customer.id)
+            )
             codes: dict[str, str] = dict(issued.all())
         redemption = {"code": codes["c-1"], "customer_id": "c-1", "order_id": "checkout-1", "order_total": "30.00"}
         redemption_id = (await call("POST", "/v1/redemptions", 201, redemption))["redemption_id"]

@@ -418,6 +418,30 @@ async def test_each_corruption_is_named(
     assert f"customer {tier_deleted}" in result.output
 
 
+async def test_a_kept_reference_pointing_nowhere_is_named(shop: Shop) -> None:
+    """A send's rows keep their references without foreign keys (kept_reference); the references check still
+    names one that points nowhere, as it does a broken foreign key."""
+    maker = shop.session_maker
+    member = await one(maker, "SELECT send_id, customer_id FROM campaign_member WHERE holdout ORDER BY customer_id")
+    code = await one(maker, "SELECT id FROM issued_code WHERE send_id IS NOT NULL ORDER BY id DESC")
+    event = await one(maker, "SELECT id FROM outbox_event WHERE event_type = 'offer.issued' ORDER BY id DESC")
+    missing = 999_999_999
+    await execute(
+        maker,
+        "UPDATE campaign_member SET customer_id = :missing WHERE send_id = :send AND customer_id = :customer",
+        missing=missing,
+        send=member.send_id,
+        customer=member.customer_id,
+    )
+    await execute(maker, "UPDATE issued_code SET offer_id = :missing WHERE id = :id", missing=missing, id=code.id)
+    await execute(maker, "UPDATE outbox_event SET customer_id = :missing WHERE id = :id", missing=missing, id=event.id)
+
+    examples = problem_examples(await doctor(shop), "references", "dangling-reference")
+    assert f"campaign_member send_id {member.send_id}: customer_id {missing} is not in customer" in examples
+    assert f"issued_code id {code.id}: offer_id {missing} is not in offer" in examples
+    assert f"outbox_event id {event.id}: customer_id {missing} is not in customer" in examples
+
+
 async def test_usage_and_unreachable_databases_exit_2(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     missing = tmp_path / "nowhere.db"
     base = Settings(database_url=f"sqlite+aiosqlite:///{missing}", _env_file=None)  # type: ignore[call-arg]

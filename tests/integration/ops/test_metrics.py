@@ -161,3 +161,24 @@ def test_a_failing_metric_never_raises() -> None:
     # A negative increment is refused by prometheus_client; the job that recorded it must go on regardless.
     metrics.record_send("done", issued=-1)
     metrics.record_run("manual", "succeeded", 0.1, {"fit": "not a number"}, None)  # type: ignore[dict-item]
+
+
+async def test_request_metrics_keep_litestars_names_and_labels(client, keys) -> None:
+    """Request metrics are recorded by our own middleware now, under the names and labels dashboards already use."""
+    badge = {"method": "GET", "path": "/v1/customers/{customer_id}/tier", "app_name": "loyalty"}
+    tiers = {**badge, "path": "/v1/tiers"}
+    before = await scrape(client)
+    assert (await client.get("/v1/customers/nobody/tier", headers=keys.headers("storefront"))).status_code == 404
+    assert (await client.get("/v1/tiers")).status_code == 401
+    after = await scrape(client)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("loyalty_requests_total", **badge, status_code="404") == 1
+    assert moved("loyalty_requests_total", **tiers, status_code="401") == 1
+    assert moved("loyalty_request_duration_seconds_count", **tiers, status_code="401") == 1
+    assert moved("loyalty_request_duration_seconds_sum", **tiers, status_code="401") > 0
+    # Finished requests are no longer in progress; /metrics itself is never counted.
+    assert value(after, "loyalty_requests_in_progress", **badge, status_code="200") == 0
+    assert not any(name.startswith("loyalty_request") and ("path", "/metrics") in key for name, key in after)

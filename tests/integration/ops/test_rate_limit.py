@@ -6,8 +6,10 @@ import time
 from typing import Any
 
 import pytest
+from litestar.stores.file import FileStore
 from litestar.testing import AsyncTestClient
 
+from loyalty.access.services import hash_key
 from loyalty.app import create_app
 from loyalty.lib import middleware
 from tests.integration.ops.test_secrets_not_logged import captured_logs
@@ -138,3 +140,40 @@ async def test_made_up_keys_count_against_their_address_and_real_keys_keep_their
         assert lookups == 3
         # The real key, known to this process, still counts on its own: two of its three requests are left.
         assert [(await client.get("/v1/tiers", headers=real)).status_code for _ in range(3)] == [200, 200, 429]
+
+
+async def test_a_shared_store_holds_the_windows_for_every_replica(settings, keys, tmp_path) -> None:
+    """With a store other than the in-process one (Redis, say), the windows live there: replicas share them."""
+    limited = settings.model_copy(update={"rate_limit": 3})
+    shared = FileStore(tmp_path / "rate-limit", create_directories=True)
+    replicas = [create_app(limited), create_app(limited)]
+    for replica in replicas:
+        replica.stores.register(middleware.RATE_LIMIT_STORE, shared, allow_override=True)
+    headers = keys.headers("storefront")
+    async with AsyncTestClient(app=replicas[0]) as first, AsyncTestClient(app=replicas[1]) as second:
+        answers = [await first.get("/v1/tiers", headers=headers) for _ in range(2)]
+        answers.append(await second.get("/v1/tiers", headers=headers))
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        assert [a.headers["ratelimit-remaining"] for a in answers] == ["2", "1", "0"]
+        _assert_refused(await first.get("/v1/tiers", headers=headers))
+        _assert_refused(await second.get("/v1/tiers", headers=headers))
+    assert await shared.get(f"KeyRateLimitMiddleware::key:{hash_key(headers['X-API-Key'])[:32]}") is not None
+
+
+async def test_ended_windows_are_dropped_once_many_are_held(settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-process windows are bounded: past a count, the ones whose minute is over are swept."""
+    monkeypatch.setattr(middleware.KeyRateLimiter, "SWEEP_AT", 4)
+    app = create_app(settings)
+    limiter = app.state.rate_limiter
+    async with AsyncTestClient(app=app) as client:
+        # Each bearer token is a bucket of its own (the tokens are invalid: 401, but counted all the same).
+        for i in range(3):
+            answer = await client.get("/v1/me", headers={"Authorization": f"Bearer made-up-{i}"})
+            assert answer.headers["ratelimit-remaining"] == str(settings.rate_limit - 1)
+        assert len(limiter._windows) == 3
+        monkeypatch.setattr(middleware, "time", _ClockAhead(61))
+        await client.get("/v1/me", headers={"Authorization": "Bearer made-up-3"})
+        assert len(limiter._windows) == 1
+        # A window swept away starts afresh: nothing of the old count is left.
+        renewed = await client.get("/v1/me", headers={"Authorization": "Bearer made-up-0"})
+        assert renewed.headers["ratelimit-remaining"] == str(settings.rate_limit - 1)

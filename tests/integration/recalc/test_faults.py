@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from litestar.testing import AsyncTestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from loyalty.app import create_app
 from loyalty.db.models import CustomerTier, RecalcRun
@@ -36,6 +39,20 @@ async def _run_status(session_maker: Any) -> list[tuple[int, str, str | None]]:
         return [tuple(row) for row in rows]
 
 
+@contextlib.asynccontextmanager
+async def _final_write_held(engine: AsyncEngine, dialect: str) -> AsyncIterator[None]:
+    """Holds a lock the run's one write transaction needs, so that a kill can never come after its commit, however
+    fast the run is. On PostgreSQL the apply locks customer_score against other writers first, which SHARE mode
+    blocks; on SQLite this connection's BEGIN IMMEDIATE takes the database's write lock."""
+    async with engine.connect() as connection:
+        if dialect == "postgresql":
+            await connection.execute(text("LOCK TABLE customer_score IN SHARE MODE"))
+        else:
+            await connection.execute(text("SELECT 1"))
+        yield
+        await connection.rollback()
+
+
 def _cli_environment(settings: Any) -> dict[str, str]:
     return {
         **os.environ,
@@ -49,7 +66,7 @@ def _cli_environment(settings: Any) -> dict[str, str]:
 
 @pytest.mark.slow
 async def test_killed_recalculation_keeps_previous_tiers_and_next_run_completes(
-    settings, engine, session_maker, run_due, client, keys
+    database, settings, engine, session_maker, run_due, client, keys
 ) -> None:
     await load_demo(engine, customers=15_000, seed=11)
     first = await client.post("/v1/recalculations", json={}, headers=keys.headers("marketing"))
@@ -78,11 +95,13 @@ async def test_killed_recalculation_keeps_previous_tiers_and_next_run_completes(
                 pytest.fail(f"the recalculation process exited ({process.returncode}, runs {runs}): {errors}")
         else:
             pytest.fail("the recalculation never started")
-        # Let it get into its work (aggregation, fit, and the rules and writes) before killing it.
-        await asyncio.sleep(1.5)
-        assert process.poll() is None, "the run finished before it could be killed; use more customers"
-        os.kill(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+        async with _final_write_held(engine, database.dialect):
+            # Let it get into its work (aggregation, fit, the rules and staging, on PostgreSQL up to the lock its
+            # apply waits for) before killing it.
+            await asyncio.sleep(1.5)
+            assert process.poll() is None, "the run ended before it could be killed"
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
         # Killed by the signal itself: no handler, no clean-up, no chance to mark its run.
         assert process.returncode == -signal.SIGKILL
     finally:
