@@ -30,8 +30,7 @@ from loyalty.db.types import DateTimeUTC
 from loyalty.lib.clock import utcnow
 from loyalty.offers.services import next_fire
 from loyalty.ops import metrics
-from loyalty.recalc.runs import WORKER_ID
-from loyalty.scheduling.leases import LeaseLostError, keep_lease
+from loyalty.scheduling.leases import WORKER_ID, LeaseLostError, keep_lease, renew_claim
 from loyalty.scheduling.timer import CronError, Job
 
 logger = logging.getLogger("loyalty.offers")
@@ -237,17 +236,6 @@ async def claim_send(session: AsyncSession, lease_seconds: float, now: datetime 
     )
 
 
-async def renew_send_lease(session: AsyncSession, send_id: int, lease_seconds: float) -> bool:
-    """Extend our claim on a running send; False once another replica has taken it over."""
-    renewed = await session.scalar(
-        update(CampaignSend)
-        .where(CampaignSend.id == send_id, CampaignSend.status == "running", CampaignSend.claimed_by == WORKER_ID)
-        .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
-        .returning(CampaignSend.id)
-    )
-    return renewed is not None
-
-
 @dataclass(frozen=True)
 class SendResult:
     send_id: int
@@ -362,7 +350,9 @@ class OfferJobs:
                 send_id = await claim_send(session, self.lease_seconds)
             if send_id is None:
                 break
-            renewal = functools.partial(renew_send_lease, send_id=send_id, lease_seconds=self.lease_seconds)
+            renewal = functools.partial(
+                renew_claim, model=CampaignSend, row_id=send_id, lease_seconds=self.lease_seconds
+            )
             try:
                 async with (
                     keep_lease(self.session_maker, renewal, self.lease_seconds, f"send-lease-{send_id}") as lost,

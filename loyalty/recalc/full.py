@@ -29,7 +29,7 @@ from loyalty.offers.welcome import issue_welcome_offers
 from loyalty.ops import metrics
 from loyalty.recalc import runs, staged
 from loyalty.recalc.assignments import TIER_STATE_COLUMNS
-from loyalty.scheduling.leases import LeaseLostError, keep_lease
+from loyalty.scheduling.leases import LeaseLostError, keep_lease, renew_claim
 from loyalty.scoring.config import ScoringConfig
 from loyalty.scoring.figures import (
     Figures,
@@ -159,7 +159,7 @@ async def execute_run(
         as_of = run.as_of or started_at
         dry_run, trigger = run.dry_run, run.trigger
     try:
-        renewal = functools.partial(runs.renew_lease, run_id=run_id, lease_seconds=lease_seconds)
+        renewal = functools.partial(renew_claim, model=RecalcRun, row_id=run_id, lease_seconds=lease_seconds)
         async with keep_lease(session_maker, renewal, lease_seconds, f"recalc-lease-{run_id}") as lease_lost:
             summary = await _compute_and_write(
                 session_maker, run_id, tiers, as_of, started_at, dry_run, timer, lease_lost

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import uuid
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -16,11 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from loyalty.db.dialect import insert_ignoring_conflicts, is_postgres
 from loyalty.db.models import RecalcRun
 from loyalty.lib.clock import utcnow
+from loyalty.scheduling.leases import WORKER_ID
 
 ACTIVE_STATUSES = ("queued", "running")
 # A scheduled run whose claimant died is queued again, up to this many attempts in all.
 MAX_ATTEMPTS = 3
-WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
 async def enqueue_run(
@@ -99,17 +96,6 @@ async def claim_next_run(session: AsyncSession, lease_seconds: float, worker: st
     if claimed is None:
         return None
     return await session.get(RecalcRun, claimed)
-
-
-async def renew_lease(session: AsyncSession, run_id: int, lease_seconds: float, worker: str = WORKER_ID) -> bool:
-    """Extend our lease; False when the run is no longer ours (it was expired and failed by another replica)."""
-    renewed = await session.scalar(
-        update(RecalcRun)
-        .where(RecalcRun.id == run_id, RecalcRun.status == "running", RecalcRun.claimed_by == worker)
-        .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
-        .returning(RecalcRun.id)
-    )
-    return renewed is not None
 
 
 async def fail_run(session: AsyncSession, run_id: int, error: str, phases: dict[str, float] | None = None) -> None:

@@ -5,17 +5,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 
+from sqlalchemy import update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from loyalty.db.models import CampaignSend, RecalcRun
 from loyalty.db.session import transaction
+from loyalty.lib.clock import utcnow
 
 logger = logging.getLogger(__name__)
 
+# This process, as named in the claims it holds (`claimed_by`).
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
 # Answers whether the lease is still ours after extending it by the lease's length.
 Renewal = Callable[[AsyncSession], Awaitable[bool]]
+
+
+async def renew_claim(
+    session: AsyncSession,
+    model: type[RecalcRun] | type[CampaignSend],
+    row_id: int,
+    lease_seconds: float,
+    worker: str = WORKER_ID,
+) -> bool:
+    """Extend ``worker``'s lease on a running row (a recalculation run, a campaign send); False once the row is no
+    longer ours: another replica found the lease expired and took it over or failed it."""
+    renewed = await session.scalar(
+        update(model)
+        .where(model.id == row_id, model.status == "running", model.claimed_by == worker)
+        .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+        .returning(model.id)
+    )
+    return renewed is not None
 
 
 class LeaseLostError(RuntimeError):

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from loyalty.db.session import transaction
 from loyalty.lib.clock import utcnow
 from loyalty.ops import metrics
-from loyalty.recalc.runs import WORKER_ID
+from loyalty.scheduling.leases import WORKER_ID
 from loyalty.scheduling.timer import Job
 from loyalty.webhooks.delivery import Outcome, claim_deliveries, fan_out, new_client, record_outcomes, send
 
