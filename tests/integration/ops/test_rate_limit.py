@@ -58,14 +58,15 @@ async def test_one_key_at_its_limit_leaves_the_others_served(settings, keys, cli
     assert (await client.get("/v1/customers/c-1", headers=keys.headers("marketing"))).status_code == 404
 
 
-class _ClockAhead:
-    """The `time` module as the limiter reads it, moved forward: a window ends without the test waiting for it."""
+class _Clock:
+    """The `time` module as the limiter reads it, standing at a chosen instant: a window ends without the test
+    waiting for it, and no request crosses a second boundary by chance (windows count whole seconds)."""
 
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+    def __init__(self, now: float) -> None:
+        self.now = now
 
     def time(self) -> float:
-        return time.time() + self.seconds
+        return self.now
 
     def perf_counter(self) -> float:
         return time.perf_counter()
@@ -73,12 +74,16 @@ class _ClockAhead:
 
 async def test_the_window_resets(settings, keys, monkeypatch: pytest.MonkeyPatch) -> None:
     limited = settings.model_copy(update={"rate_limit": 2})
+    # Mid-second: with the real clock, a first request late in a second left the window under 59 s (a flaky test).
+    started = 1_000_000.5
+    clock = _Clock(started)
+    monkeypatch.setattr(middleware, "time", clock)
     async with AsyncTestClient(app=create_app(limited)) as client:
         headers = keys.headers("storefront")
         assert [(await client.get("/v1/tiers", headers=headers)).status_code for _ in range(3)] == [200, 200, 429]
-        monkeypatch.setattr(middleware, "time", _ClockAhead(59))
+        clock.now = started + 59
         _assert_refused(await client.get("/v1/tiers", headers=headers))
-        monkeypatch.setattr(middleware, "time", _ClockAhead(61))
+        clock.now = started + 61
         renewed = await client.get("/v1/tiers", headers=headers)
         assert renewed.status_code == 200
         assert renewed.headers["ratelimit-remaining"] == "1"
@@ -171,7 +176,7 @@ async def test_ended_windows_are_dropped_once_many_are_held(settings, monkeypatc
             answer = await client.get("/v1/me", headers={"Authorization": f"Bearer made-up-{i}"})
             assert answer.headers["ratelimit-remaining"] == str(settings.rate_limit - 1)
         assert len(limiter._windows) == 3
-        monkeypatch.setattr(middleware, "time", _ClockAhead(61))
+        monkeypatch.setattr(middleware, "time", _Clock(time.time() + 61))
         await client.get("/v1/me", headers={"Authorization": "Bearer made-up-3"})
         assert len(limiter._windows) == 1
         # A window swept away starts afresh: nothing of the old count is left.
