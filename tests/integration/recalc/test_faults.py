@@ -146,9 +146,9 @@ async def test_two_replicas_run_each_scheduled_recalculation_once(database, sett
     async with session_maker() as session:
         rows = (
             await session.execute(
-                select(RecalcRun.period_key, RecalcRun.status, RecalcRun.attempts, RecalcRun.claimed_by).where(
-                    RecalcRun.trigger == "scheduled"
-                )
+                select(
+                    RecalcRun.period_key, RecalcRun.status, RecalcRun.attempts, RecalcRun.claimed_by, RecalcRun.error
+                ).where(RecalcRun.trigger == "scheduled")
             )
         ).all()
         per_period = dict(
@@ -158,7 +158,8 @@ async def test_two_replicas_run_each_scheduled_recalculation_once(database, sett
     assert all(count == 1 for count in per_period.values()), per_period
     finished = [row for row in rows if row.status == "succeeded"]
     assert len(finished) >= 2, rows
-    assert all(row.attempts == 1 for row in rows), rows
+    # A period the timer queued just before shutdown may still be waiting, never claimed.
+    assert all(row.attempts == (0 if row.status == "queued" else 1) for row in rows), rows
     assert not [row for row in rows if row.status == "failed"]
 
 
