@@ -34,7 +34,9 @@ async def _tiers_after(
     if not written.created:
         return await incremental.current_tiers(session, written.customer_ids)
     state = request.app.state
-    return await incremental.rescore_after_write(session, written.customer_ids, state.tiers, state.model_cache)
+    return await incremental.rescore_after_write(
+        session, written.customer_ids, state.tiers, state.model_cache, locked=written.locked
+    )
 
 
 def _status(written: services.Written[Any]) -> int:

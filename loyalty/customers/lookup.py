@@ -6,7 +6,7 @@ import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Insert, Select, select
+from sqlalchemy import Insert, Result, Select, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.db.bulk import in_parameter
@@ -47,8 +47,7 @@ async def ensure_customers(session: AsyncSession, external_ids: Iterable[str]) -
         return EnsuredCustomers({}, frozenset())
     dialect = session.get_bind().dialect.name
     found: dict[str, int] = {
-        str(external_id): customer_id
-        for external_id, customer_id in await session.execute(_ids_by_external_id(dialect), {"external_ids": wanted})
+        str(external_id): customer_id for external_id, customer_id in await _find_ids(session, dialect, wanted)
     }
     missing = [external_id for external_id in wanted if external_id not in found]
     if not missing:
@@ -69,16 +68,28 @@ async def ensure_customers(session: AsyncSession, external_ids: Iterable[str]) -
     raced = [external_id for external_id in missing if external_id not in inserted]
     if raced:
         found.update(
-            (str(external_id), customer_id)
-            for external_id, customer_id in await session.execute(_ids_by_external_id(dialect), {"external_ids": raced})
+            (str(external_id), customer_id) for external_id, customer_id in await _find_ids(session, dialect, raced)
         )
     return EnsuredCustomers(found, frozenset(inserted))
+
+
+async def _find_ids(session: AsyncSession, dialect: str, external_ids: list[str]) -> Result[str | None, int]:
+    # One id (a single order's customer) is an equality: PostgreSQL keeps one generic plan of it, where it plans
+    # the array form of a list anew on every call. Lists keep the array: one statement whatever their length.
+    if len(external_ids) == 1:
+        return await session.execute(_id_by_external_id(), {"external_id": external_ids[0]})
+    return await session.execute(_ids_by_external_id(dialect), {"external_ids": external_ids})
 
 
 # Built once per process and database kind: every order, refund and event resolves its customer through these.
 @functools.cache
 def _ids_by_external_id(dialect: str) -> Select[str | None, int]:
     return select(Customer.external_id, Customer.id).where(in_parameter(dialect, Customer.external_id, "external_ids"))
+
+
+@functools.cache
+def _id_by_external_id() -> Select[str | None, int]:
+    return select(Customer.external_id, Customer.id).where(Customer.external_id == bindparam("external_id"))
 
 
 @functools.cache

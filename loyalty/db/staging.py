@@ -7,6 +7,7 @@ types store: money as integer ten-thousandths (``loyalty.lib.money``), instants 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -91,3 +92,138 @@ async def write_rows(connection: AsyncConnection, table_name: str, columns: Sequ
     statement = str(table(table_name, *(column(name) for name in columns)).insert().compile(dialect=connection.dialect))
     for batch in batches:
         await connection.exec_driver_sql(statement, list(batch))
+
+
+# ---------------------------------------------------------------- binary COPY built from columns
+
+# PostgreSQL's binary COPY: a signature, flags and header-extension length; then each row as its field count and,
+# for each field, its length (-1 for NULL) and bytes; then -1 as the field count. Every number is big-endian.
+COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
+_COPY_HEADER = COPY_SIGNATURE + bytes(8)
+_COPY_TRAILER = b"\xff\xff"
+_NULL_FIELD = b"\xff\xff\xff\xff"
+# timestamptz travels as microseconds since 2000-01-01 UTC.
+_POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_POSTGRES_EPOCH_MICROS = micros_of(_POSTGRES_EPOCH)
+_TIMESTAMP = "timestamp with time zone"
+# The fixed-width types (as format_type names them) and their binary forms; text, varchar and json travel as
+# their UTF-8 text.
+_FIXED_WIDTH = {"bigint": ">i8", "integer": ">i4", "smallint": ">i2", "double precision": ">f8", "boolean": "?"}
+_FIXED_WIDTH[_TIMESTAMP] = ">i8"
+_TEXT_TYPES = frozenset({"text", "character varying", "json"})
+
+
+class _EncodedFields(dict[Any, bytes]):
+    """Each distinct value of a column encoded once, as its whole field (length and bytes)."""
+
+    def __init__(self, encode: Any) -> None:
+        super().__init__()
+        self._encode = encode
+
+    def __missing__(self, value: Any) -> bytes:
+        if value is None:
+            field = _NULL_FIELD
+        else:
+            data = self._encode(value)
+            field = len(data).to_bytes(4, "big") + data
+        self[value] = field
+        return field
+
+
+def _instant_bytes(instant: datetime) -> bytes:
+    return ((instant - _POSTGRES_EPOCH) // timedelta(microseconds=1)).to_bytes(8, "big", signed=True)
+
+
+def _fixed_column(type_name: str, values: Any) -> NDArray[Any] | None:
+    """A column without NULLs as the array its binary form is a view of; None when it must go field by field.
+
+    Arrays are in storage form: numbers as stored, instants as microseconds since the Unix epoch (float or int), NaN
+    for NULL in a float array."""
+    kind = _FIXED_WIDTH.get(type_name)
+    if kind is None:
+        return None
+    if not isinstance(values, np.ndarray):
+        if type_name == _TIMESTAMP or None in values:
+            return None
+        values = np.asarray(values)
+    array: NDArray[Any] = values
+    if array.dtype.kind == "f" and np.isnan(array).any():
+        return None
+    if type_name == _TIMESTAMP:
+        return array.astype(np.int64) - _POSTGRES_EPOCH_MICROS
+    return array
+
+
+def _field_by_field(type_name: str, values: Any) -> list[bytes]:
+    """Each row's whole field (length and bytes) of a column with NULLs or of variable width."""
+    if isinstance(values, np.ndarray):
+        present = ~np.isnan(values) if values.dtype.kind == "f" else np.ones(values.size, dtype=np.bool_)
+        kind = _FIXED_WIDTH[type_name]
+        if type_name == _TIMESTAMP:
+            values = np.where(present, values, 0).astype(np.int64) - _POSTGRES_EPOCH_MICROS
+        fields = np.empty(values.size, dtype=[("length", ">i4"), ("value", kind)])
+        fields["length"] = np.dtype(kind).itemsize
+        fields["value"] = values
+        encoded: list[bytes] = fields.view(f"V{fields.dtype.itemsize}").tolist()
+        for index in np.flatnonzero(~present).tolist():
+            encoded[index] = _NULL_FIELD
+        return encoded
+    if type_name in _TEXT_TYPES:
+        cache = _EncodedFields(str.encode)
+    elif type_name == _TIMESTAMP:
+        cache = _EncodedFields(_instant_bytes)
+    elif type_name in _FIXED_WIDTH:
+        form = np.dtype(_FIXED_WIDTH[type_name])
+        cache = _EncodedFields(lambda value: np.asarray(value, dtype=form).tobytes())
+    else:
+        raise ValueError(f"no binary COPY form for the type {type_name}")
+    return list(map(cache.__getitem__, values))
+
+
+def binary_copy(type_names: Sequence[str], columns: Sequence[Any], size: int) -> tuple[list[int], bytes]:
+    """``size`` rows given as columns, in PostgreSQL's binary COPY format, and the order of their fields (positions
+    in ``columns``), which a COPY statement must name in that order.
+
+    ``columns`` hold storage-form values (see ``_fixed_column``): numpy arrays or lists of Python values (text,
+    aware datetimes, numbers, None for NULL), typed as ``format_type`` names the target columns. The columns without
+    NULLs of fixed width go first, as one block per row built by NumPy; the others field by field, each distinct
+    value encoded once. Building the payload this way costs a fraction of the driver's encoding of row tuples, and
+    can run outside the event loop.
+    """
+    block: list[tuple[str, str]] = [("fields", ">i2")]
+    fixed: list[tuple[int, NDArray[Any]]] = []
+    varying: list[tuple[int, list[bytes]]] = []
+    for index, (type_name, values) in enumerate(zip(type_names, columns, strict=True)):
+        array = _fixed_column(type_name, values)
+        if array is None:
+            varying.append((index, _field_by_field(type_name, values)))
+        else:
+            fixed.append((index, array))
+            block += [(f"length{index}", ">i4"), (f"value{index}", _FIXED_WIDTH[type_name])]
+    rows = np.empty(size, dtype=block)
+    rows["fields"] = len(type_names)
+    for index, array in fixed:
+        rows[f"length{index}"] = rows.dtype[f"value{index}"].itemsize
+        rows[f"value{index}"] = array
+    starts: list[bytes] = rows.view(f"V{rows.dtype.itemsize}").tolist()
+    pieces = zip(starts, *(fields for _index, fields in varying), strict=True)
+    payload = b"".join((_COPY_HEADER, *itertools.chain.from_iterable(pieces), _COPY_TRAILER))
+    return [index for index, _array in fixed] + [index for index, _fields in varying], payload
+
+
+async def column_types(connection: AsyncConnection, table_name: str) -> dict[str, str]:
+    """The type of each column of a table (``format_type`` names), as ``binary_copy`` needs them (PostgreSQL)."""
+    driver = await driver_in_transaction(connection)
+    rows = await driver.fetch(
+        "SELECT attname, format_type(atttypid, NULL) FROM pg_attribute "
+        "WHERE attrelid = CAST($1 AS regclass) AND attnum > 0 AND NOT attisdropped",
+        table_name,
+    )
+    return {row[0]: row[1] for row in rows}
+
+
+async def copy_payload(connection: AsyncConnection, table_name: str, columns: Sequence[str], payload: bytes) -> None:
+    """Append rows encoded by ``binary_copy`` (fields in ``columns`` order) inside the current transaction."""
+    driver = await driver_in_transaction(connection)
+    # A memoryview: the driver would take bytes for a file name.
+    await driver.copy_to_table(table_name, source=memoryview(payload), columns=list(columns), format="binary")

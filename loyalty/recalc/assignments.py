@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import numpy as np
@@ -67,16 +68,31 @@ class ChunkValueTranslator:
 
     # Many customers of a chunk share their raw scores (no referral yet, one purchase): one Missing for each.
     known: dict[tuple[str, float, float, float], Missing] = field(default_factory=dict, compare=False)
+    # Many more share what they miss ("spend 20.00 more", "refer 1 more friend who buys"): one Missing for each
+    # figure and amount, worded once. A Missing made here carries nothing else (no current or target), so these
+    # two decide its words.
+    worded: dict[tuple[str, float], tuple[Missing, str]] = field(default_factory=dict, compare=False)
 
     def missing_for_score_at(self, score: str, target: float, offset: int, current: float) -> Missing | None:
         raw = self.raw[score][offset]
         key = (score, target, current, raw)
         missing = self.known.get(key)
         if missing is None:
-            missing = self.known[key] = _value_missing(self.cutoffs, self.config, score, target, current, raw)
+            missing = _value_missing(self.cutoffs, self.config, score, target, current, raw)
+            # 0.0 and -0.0 are one key but read differently ("-0.00"): zero is not shared.
+            if missing.needed:
+                shared = self.worded.get((missing.figure, missing.needed))
+                if shared is None:
+                    self.worded[(missing.figure, missing.needed)] = (missing, phrase_missing(missing))
+                else:
+                    missing = shared[0]
+            self.known[key] = missing
         return missing
 
     def phrase(self, missing: Missing) -> str:
+        shared = self.worded.get((missing.figure, missing.needed))
+        if shared is not None and shared[0] is missing:
+            return shared[1]
         return phrase_missing(missing)
 
 
@@ -226,8 +242,9 @@ class ProgressTexts:
             if tier is None:
                 tier = self._tiers[progress.next_tier] = json.dumps(progress.next_tier)
             items = ", ".join([self._item(missing) for missing in progress.missing])
-            # The layout of json.dumps with its default separators.
-            text = f'{{"next_tier": {tier}, "text": {json.dumps(progress.text)}, "missing": [{items}]}}'
+            # The layout of json.dumps with its default separators; a string alone is what json.dumps makes of it
+            # (ASCII, escaped), without the encoder object's own dispatch for every customer.
+            text = f'{{"next_tier": {tier}, "text": {encode_basestring_ascii(progress.text)}, "missing": [{items}]}}'
             self._texts[id(progress)] = text
         return text
 

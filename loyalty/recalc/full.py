@@ -35,7 +35,7 @@ from loyalty.scoring.figures import (
     Figures,
     ReferralFigures,
     load_figures,
-    load_interests,
+    load_interest_texts,
     load_referral_edges,
     referral_figures,
 )
@@ -75,7 +75,7 @@ class Population:
     referrals: ReferralFigures
     scores: Scores
     cutoffs: dict[str, list[float]]
-    interests: dict[int, list[dict[str, Any]]]
+    interests: dict[int, str]  # as JSON text
     model: dict[str, Any]
 
 
@@ -86,7 +86,7 @@ async def compute_population(
     async with timer.phase("aggregate"), read_only(session_maker)() as session:
         figures = await load_figures(session, as_of, config)
         referrers, referees = await load_referral_edges(session, as_of)
-        interests = await load_interests(session, as_of, config)
+        interests = await load_interest_texts(session, as_of, config)
         await session.rollback()
     async with timer.phase("fit"):
         bgnbd_fit, gamma_gamma_fit = await asyncio.to_thread(fit_models, figures)
@@ -123,7 +123,8 @@ async def _current_states(connection: AsyncConnection, figures: Figures, start: 
         # The driver's own records: SQLAlchemy's result processing cost more than the query for every chunk, and
         # asyncpg already returns timestamptz as aware UTC datetimes, as DateTimeUTC would.
         driver = await driver_in_transaction(connection)
-        return {record[0]: _StoredState(*record) for record in await driver.fetch(_STATES_SQL, low, high)}
+        make = _StoredState._make
+        return {record[0]: make(record) for record in await driver.fetch(_STATES_SQL, low, high)}
     rows = await connection.execute(
         select(CustomerTier.customer_id, *TIER_STATE_COLUMNS).where(CustomerTier.customer_id.between(low, high))
     )
@@ -212,33 +213,9 @@ async def _compute_and_write(
         try:
             async with connection.begin():
                 await staged.create_stage(connection)
+                types = await staged.stage_types(connection)
             with _collector_skips_what_is_loaded():
-                states: dict[int, Any] | None = None
-                for start in range(0, len(figures), WRITE_CHUNK):
-                    if lease_lost.is_set():
-                        raise LeaseLostError("the run's lease was lost; another replica marked it failed")
-                    stop = min(start + WRITE_CHUNK, len(figures))
-                    following = min(stop + WRITE_CHUNK, len(figures))
-                    async with connection.begin():
-                        async with timer.phase("rules"):
-                            if states is None:
-                                states = await _current_states(connection, figures, start, stop)
-                            # In a thread, so that a run inside the server leaves its event loop free for requests;
-                            # meanwhile the connection reads the next chunk's stored tiers. Their rows re-scored in
-                            # real time after this read are dropped at the apply, as those after the run began.
-                            staging = asyncio.ensure_future(
-                                asyncio.to_thread(staged.stage_chunk, context, start, stop, states)
-                            )
-                            try:
-                                states = (
-                                    await _current_states(connection, figures, stop, following)
-                                    if following > stop
-                                    else None
-                                )
-                            finally:
-                                chunk = await staging
-                        async with timer.phase("stage"):
-                            await staged.append(connection, chunk)
+                await _stage_chunks(connection, context, types, timer, lease_lost)
             if lease_lost.is_set():
                 raise LeaseLostError("the run's lease was lost; another replica marked it failed")
             await connection.execution_options(**{READ_ONLY_OPTION: False})
@@ -265,6 +242,51 @@ async def _compute_and_write(
                     async with connection.begin():
                         await staged.drop_stage(connection)
     return {"run_id": run_id, "status": "succeeded", "customers": int(figures.scored.sum())}
+
+
+async def _stage_chunks(
+    connection: AsyncConnection,
+    context: staged.RunContext,
+    types: staged.StageTypes | None,
+    timer: PhaseTimer,
+    lease_lost: asyncio.Event,
+) -> None:
+    """Apply the rules to the population chunk by chunk and stage the rows, as a pipeline.
+
+    Each chunk's rules and rows are worked out in a thread (``stage_and_encode``: CPU only), so that a run inside
+    the server leaves its event loop free for requests. Meanwhile the connection copies the previous chunk's rows
+    into the stage, which is the database's work on its own CPU, and reads the next chunk's stored tiers. Rows
+    re-scored in real time after that read are dropped at the apply, as those after the run began. The time the
+    loop spends copying is the ``stage`` phase; the rest, waiting for the rules, is ``rules``.
+    """
+    figures = context.figures
+    states: dict[int, Any] | None = None
+    pending: staged.StagedChunk | None = None
+    for start in range(0, len(figures), WRITE_CHUNK):
+        if lease_lost.is_set():
+            raise LeaseLostError("the run's lease was lost; another replica marked it failed")
+        stop = min(start + WRITE_CHUNK, len(figures))
+        following = min(stop + WRITE_CHUNK, len(figures))
+        async with connection.begin():
+            if states is None:
+                async with timer.phase("rules"):
+                    states = await _current_states(connection, figures, start, stop)
+            staging = asyncio.ensure_future(
+                asyncio.to_thread(staged.stage_and_encode, context, start, stop, states, types)
+            )
+            try:
+                if pending is not None:
+                    async with timer.phase("stage"):
+                        await staged.append(connection, pending)
+                    pending = None
+                async with timer.phase("rules"):
+                    states = await _current_states(connection, figures, stop, following) if following > stop else None
+            finally:
+                async with timer.phase("rules"):
+                    pending = await staging
+    if pending is not None:
+        async with connection.begin(), timer.phase("stage"):
+            await staged.append(connection, pending)
 
 
 async def _finish(

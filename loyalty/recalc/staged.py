@@ -9,8 +9,8 @@ in one short transaction: one statement per table.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -22,6 +22,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from loyalty.db.models import CustomerScore
 from loyalty.db.staging import (
     Row,
+    binary_copy,
+    column_types,
+    copy_payload,
     is_postgres_connection,
     stored_instant,
     stored_optional_instants,
@@ -75,7 +78,7 @@ class RunContext:
     referrals: ReferralFigures
     scores: Scores
     cutoffs: dict[str, list[float]]
-    interests: dict[int, list[dict[str, Any]]]
+    interests: dict[int, str]  # each customer's top interests as JSON text (load_interest_texts)
     run_id: int
     as_of: datetime
     now: datetime
@@ -87,8 +90,16 @@ class RunContext:
 
 @dataclass
 class StagedChunk:
+    """A chunk's rows: the tier rows (with the history columns) as tuples, the score rows as columns (see
+    ``_score_columns``); and, once encoded for PostgreSQL (``encode``), both as binary COPY payloads."""
+
     tiers: list[Row]
-    scores: list[Row]
+    scores: dict[str, Any]
+    copies: list[tuple[str, list[str], bytes]] = field(default_factory=list)
+
+
+# The stage tables' column types on PostgreSQL (``stage_types``), in the order of their columns here.
+StageTypes = dict[str, tuple[str, ...]]
 
 
 def stage_chunk(context: RunContext, start: int, stop: int, states: dict[int, Any]) -> StagedChunk:
@@ -167,35 +178,73 @@ def stage_chunk(context: RunContext, start: int, stop: int, states: dict[int, An
             )
         )
     positions = np.asarray(kept, dtype=np.int64) + start
-    return StagedChunk(tier_rows, _score_rows(context, positions))
+    return StagedChunk(tier_rows, _score_columns(context, positions))
 
 
-def _score_rows(context: RunContext, positions: np.ndarray[Any, Any]) -> list[Row]:
-    if positions.size == 0:
-        return []
-    low, high = int(positions[0]), int(positions[-1]) + 1
-    ids = context.figures.customer_id[positions].tolist()
-    size = len(ids)
+def stage_and_encode(
+    context: RunContext, start: int, stop: int, states: dict[int, Any], types: StageTypes | None
+) -> StagedChunk:
+    """``stage_chunk``, with its rows encoded for COPY when ``types`` are given (PostgreSQL): all of a chunk's
+    work that needs no connection, to run beside the connection's own."""
+    chunk = stage_chunk(context, start, stop, states)
+    if types is not None:
+        chunk.copies = encode(chunk, types)
+    return chunk
+
+
+def _score_columns(context: RunContext, positions: np.ndarray[Any, Any]) -> dict[str, Any]:
+    """The customer_score columns of the customers at ``positions``: numbers as stored (money in ten-thousandths),
+    purchase instants as microseconds since the epoch, NaN for NULL; the run's instants and the interests as lists.
+    """
+    size = positions.size
+    low, high = (int(positions[0]), int(positions[-1]) + 1) if size else (0, 0)
+    ids = context.figures.customer_id[positions]
     interests = context.interests
-    values: dict[str, list[Any]] = {
+    values: dict[str, Any] = {
         "customer_id": ids,
-        "run_id": [context.run_id] * size,
-        "as_of": [stored_instant(context.postgres, context.as_of)] * size,
-        "computed_at": [stored_instant(context.postgres, context.now)] * size,
-        "interests": [json.dumps(interests[i]) if i in interests else _NO_INTERESTS for i in ids],
+        "run_id": np.full(size, context.run_id, dtype=np.int64),
+        "as_of": [context.as_of] * size,
+        "computed_at": [context.now] * size,
+        "interests": [interests.get(i, _NO_INTERESTS) for i in ids.tolist()],
     }
     selected = positions - low
     for name, full in score_columns(context.figures, context.referrals, context.scores, slice(low, high)).items():
         column = full[selected]
         if name in MONEY_SCORE_COLUMNS:
-            values[name] = np.rint(column * STORAGE_FACTOR).astype(np.int64).tolist()
+            column = np.rint(column * STORAGE_FACTOR).astype(np.int64)
+        values[name] = column
+    return values
+
+
+def _score_rows(postgres: bool, columns: dict[str, Any]) -> list[Row]:
+    """The score columns as row tuples in storage form, for the driver's own encoding."""
+    values: dict[str, list[Any]] = {}
+    for name, column in columns.items():
+        if not isinstance(column, np.ndarray):
+            values[name] = (
+                [stored_instant(postgres, value) for value in column] if name in ("as_of", "computed_at") else column
+            )
         elif name in INSTANT_SCORE_COLUMNS:
-            values[name] = stored_optional_instants(context.postgres, column)
+            values[name] = stored_optional_instants(postgres, column)
         elif column.dtype.kind == "f" and np.isnan(column).any():
             values[name] = [None if value != value else value for value in column.tolist()]
         else:
             values[name] = column.tolist()
     return list(zip(*(values[name] for name in SCORE_COLUMNS), strict=True))
+
+
+def encode(chunk: StagedChunk, types: StageTypes) -> list[tuple[str, list[str], bytes]]:
+    """Both tables' rows of a chunk as binary COPY payloads, each with the columns it names in its order."""
+    copies = []
+    tier_columns = TIER_COLUMNS + HISTORY_COLUMNS
+    tier_values: list[Sequence[Any]] = list(zip(*chunk.tiers, strict=True)) or [[] for _name in tier_columns]
+    for table_name, names, columns in (
+        (STAGE_TIER, tier_columns, tier_values),
+        (STAGE_SCORE, SCORE_COLUMNS, [chunk.scores[name] for name in SCORE_COLUMNS]),
+    ):
+        order, payload = binary_copy(types[table_name], columns, len(chunk.tiers))
+        copies.append((table_name, [names[index] for index in order], payload))
+    return copies
 
 
 # ---------------------------------------------------------------- staging tables
@@ -215,9 +264,25 @@ async def drop_stage(connection: AsyncConnection) -> None:
         await connection.execute(text(f"DROP TABLE IF EXISTS {name}"))
 
 
+async def stage_types(connection: AsyncConnection) -> StageTypes | None:
+    """The column types of the stage tables that ``encode`` needs; None on SQLite, which takes row tuples."""
+    if not is_postgres_connection(connection):
+        return None
+    types = {}
+    for table_name, names in ((STAGE_TIER, TIER_COLUMNS + HISTORY_COLUMNS), (STAGE_SCORE, SCORE_COLUMNS)):
+        known = await column_types(connection, table_name)
+        types[table_name] = tuple(known[name] for name in names)
+    return types
+
+
 async def append(connection: AsyncConnection, chunk: StagedChunk) -> None:
+    if chunk.copies:
+        for table_name, columns, payload in chunk.copies:
+            await copy_payload(connection, table_name, columns, payload)
+        return
+    postgres = is_postgres_connection(connection)
     await write_rows(connection, STAGE_TIER, TIER_COLUMNS + HISTORY_COLUMNS, chunk.tiers)
-    await write_rows(connection, STAGE_SCORE, SCORE_COLUMNS, chunk.scores)
+    await write_rows(connection, STAGE_SCORE, SCORE_COLUMNS, _score_rows(postgres, chunk.scores))
 
 
 async def apply(connection: AsyncConnection, run_id: int, started_at: datetime) -> None:

@@ -15,6 +15,7 @@ import math
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from json.encoder import encode_basestring_ascii
 from typing import Any
 
 import numpy as np
@@ -97,10 +98,28 @@ LEFT JOIN ({engagement}) e ON e.customer_id = c.id
 ORDER BY c.id
 """
 
-# The full population on PostgreSQL: every paid order as (customer, UTC day, net value), streamed out with a binary
-# COPY and grouped by day and customer in NumPy. Grouping ten million orders by (customer, day) in SQL needs a sort
-# of all of them; NumPy sorts the same keys several times faster, and the rows cross the socket as fixed-width
+# The full population on PostgreSQL: every paid order as (customer, placed_at, net value), streamed out with a
+# binary COPY and grouped by day and customer in NumPy. Grouping ten million orders by (customer, day) in SQL needs a
+# sort of all of them; NumPy sorts the same keys several times faster, and the rows cross the socket as fixed-width
 # binary. _FIGURES_SQL stays the form for SQLite and for the real-time path (a few customers).
+#
+# The paid orders are _PAID_ORDERS_SQL's, in a form for every order at once: the join with the refunds made after
+# the instant is taken only by the orders that have such refunds (the second part), and the check for any is made
+# once for the statement (the first part's NOT EXISTS, short of which no order is looked up in that set). For a run
+# as of now there are none, and joining ten million orders with the empty set cost a third of the statement. The
+# instant itself is sent, and its UTC day taken in NumPy: cheaper than the time zone conversion per order in SQL.
+_EVERY_PAID_ORDER_SQL = """
+SELECT o.customer_id, o.placed_at, o.total - o.refunded AS value
+FROM customer_order o
+WHERE o.placed_at <= $1 AND (o.total - o.refunded > 0 OR o.total = 0)
+  AND (NOT EXISTS (SELECT 1 FROM refund WHERE refunded_at > $1)
+       OR o.id NOT IN (SELECT order_id FROM refund WHERE refunded_at > $1))
+UNION ALL
+SELECT o.customer_id, o.placed_at, o.total - o.refunded + r.amount AS value
+FROM (SELECT order_id, CAST(SUM(amount) AS BIGINT) AS amount FROM refund WHERE refunded_at > $1 GROUP BY order_id) r
+JOIN customer_order o ON o.id = r.order_id
+WHERE o.placed_at <= $1 AND (o.total - o.refunded + r.amount > 0 OR o.total = 0)
+"""
 _EVERY_CUSTOMER_ENGAGEMENT_SQL = """
 SELECT c.id, COALESCE(e.reviews, 0), COALESCE(e.shares, 0)
 FROM customer c
@@ -118,7 +137,10 @@ def _copy_row(fields: Sequence[tuple[str, str]]) -> np.dtype[Any]:
     return np.dtype(layout)
 
 
-_PAID_ORDER_FIELDS = (("customer_id", "i8"), ("day", "i4"), ("value", "i8"))
+# placed_at: a timestamptz travels as microseconds since 2000-01-01 UTC.
+_PAID_ORDER_FIELDS = (("customer_id", "i8"), ("placed_at", "i8"), ("value", "i8"))
+_POSTGRES_EPOCH_DAY = 10_957  # 2000-01-01 as a day number
+_MICROS_PER_DAY = 86_400_000_000
 _ENGAGEMENT_FIELDS = (("customer_id", "i8"), ("reviews", "i8"), ("shares", "i8"))
 _COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _COPY_HEADER = len(_COPY_SIGNATURE) + 8  # flags and header-extension length, both int32
@@ -234,12 +256,18 @@ def _expanding(statement: Any, filtered: bool) -> Any:
     return statement.bindparams(bindparam("ids", expanding=True)) if filtered else statement
 
 
+# The figures query's columns, in the order ``figures_from_rows`` reads them.
+FIGURE_COLUMNS = 11
+
+
 @functools.cache
-def _figures_statement(dialect: str, filtered: bool) -> Any:
+def figures_statement(dialect: str, filtered: bool, around: str = "{figures}") -> Any:
     """The figures query for every customer or for an ``ids`` list, built once per process and shape.
 
     The real-time re-score runs it on every order: formatting and parsing the SQL text anew each time cost more
-    than the database's work for one customer.
+    than the database's work for one customer. ``around`` is SQL that reads the query as ``{figures}``: a caller
+    adding its own columns to each customer's row (the real-time path's stored state) saves a round trip; its
+    rows start with the ``FIGURE_COLUMNS``, in order, for ``figures_from_rows``.
     """
     filters = _filters(filtered)
     day = _DAY_NUMBER[dialect].format(column="o.placed_at")
@@ -250,7 +278,17 @@ def _figures_statement(dialect: str, filtered: bool) -> Any:
         engagement=_ENGAGEMENT_SQL.format(as_of=":as_of", event_filter=filters["event_filter"]),
         customer_filter=filters["customer_filter"],
     )
-    return _expanding(text(sql).bindparams(bindparam("as_of", type_=DateTimeUTC())), filtered)
+    statement = text(around.format(figures=sql)).bindparams(bindparam("as_of", type_=DateTimeUTC()))
+    return _expanding(statement, filtered)
+
+
+def figures_parameters(as_of: datetime, config: ScoringConfig, customer_ids: Sequence[int] | None) -> dict[str, Any]:
+    """The parameters of ``figures_statement`` (``ids`` only when it is filtered)."""
+    window_start_day = math.floor(day_number(as_of)) - config.window_days + 1
+    params: dict[str, Any] = {"as_of": as_of, "window_start_day": window_start_day}
+    if customer_ids is not None:
+        params["ids"] = list(customer_ids)
+    return params
 
 
 async def _partitions(
@@ -276,18 +314,26 @@ async def load_figures(
     dialect = session.get_bind().dialect.name
     if customer_ids is None and dialect == "postgresql":
         return await _load_all_figures_by_copy(session, as_of, config)
-    as_of_day = day_number(as_of)
-    window_start_day = math.floor(as_of_day) - config.window_days + 1
-    params: dict[str, Any] = {"as_of": as_of, "window_start_day": window_start_day}
-    if customer_ids is not None:
-        params["ids"] = list(customer_ids)
-    statement = _figures_statement(dialect, filtered=customer_ids is not None)
+    params = figures_parameters(as_of, config, customer_ids)
+    statement = figures_statement(dialect, filtered=customer_ids is not None)
+    chunks = [
+        _figure_table(partition)
+        async for partition in _partitions(session, statement, params, streamed=customer_ids is None)
+    ]
+    return _figures(np.concatenate(chunks) if chunks else _figure_table([]), day_number(as_of))
 
-    chunks: list[NDArray[np.float64]] = []
-    async for partition in _partitions(session, statement, params, streamed=customer_ids is None):
-        # Money arrives as integer ten-thousandths; float64 holds them exactly up to 9e15.
-        chunks.append(np.array([tuple(row) for row in partition], dtype=np.float64).reshape(-1, 11))
-    table = np.concatenate(chunks) if chunks else np.zeros((0, 11))
+
+def figures_from_rows(rows: Sequence[Sequence[Any]], as_of: datetime) -> Figures:
+    """Figures from rows of ``figures_statement`` (their first ``FIGURE_COLUMNS``), fetched by the caller."""
+    return _figures(_figure_table(rows), day_number(as_of))
+
+
+def _figure_table(rows: Sequence[Sequence[Any]]) -> NDArray[np.float64]:
+    # Money arrives as integer ten-thousandths; float64 holds them exactly up to 9e15.
+    return np.array([tuple(row[:FIGURE_COLUMNS]) for row in rows], dtype=np.float64).reshape(-1, FIGURE_COLUMNS)
+
+
+def _figures(table: NDArray[np.float64], as_of_day: float) -> Figures:
     money = 1.0 / STORAGE_FACTOR
     return Figures(
         customer_id=table[:, 0].astype(np.int64),
@@ -354,18 +400,39 @@ async def _copy_columns(
     return sink.columns()
 
 
+def _by_customer_and_day(customer: IntArray, days: IntArray, values: IntArray) -> tuple[IntArray, IntArray, IntArray]:
+    """The orders sorted by customer, then day: the rows of one day of one customer are one purchase occasion.
+
+    Both keys as one integer when their ranges allow, which one sort orders in half the time of sorting by each, and
+    from which both are read back without gathering them."""
+    if customer.size == 0:
+        return customer, days, values
+    low_customer, low_day = int(customer.min()), int(days.min())
+    day_span = int(days.max()) - low_day + 1
+    if (int(customer.max()) - low_customer + 1) * day_span >= 2**62:
+        order = np.lexsort((days, customer))
+        return customer[order], days[order], values[order]
+    # In place where it can be: each new array of ten million is as costly to map as to compute.
+    key = customer - low_customer
+    key *= day_span
+    key += days
+    key -= low_day
+    order = np.argsort(key)
+    customer, days = np.divmod(key[order], day_span)
+    customer += low_customer
+    days += low_day
+    return customer, days, values[order]
+
+
 async def _load_all_figures_by_copy(session: AsyncSession, as_of: datetime, config: ScoringConfig) -> Figures:
     as_of_day = day_number(as_of)
     window_start_day = math.floor(as_of_day) - config.window_days + 1
     driver = await driver_in_transaction(await session.connection())
-    day = _DAY_NUMBER["postgresql"].format(column="o.placed_at")
-    paid_sql = _PAID_ORDERS_SQL.format(day=day, as_of="$1", refund_filter="", order_filter="")
-    paid = await _copy_columns(driver, paid_sql, as_of, _PAID_ORDER_FIELDS)
-    customer, days, values = paid["customer_id"], paid["day"], paid["value"]
-
-    # Orders by customer, then day: the rows of one day of one customer are one purchase occasion.
-    order = np.lexsort((days, customer))
-    customer, days, values = customer[order], days[order], values[order]
+    paid = await _copy_columns(driver, _EVERY_PAID_ORDER_SQL, as_of, _PAID_ORDER_FIELDS)
+    # The UTC day number, as _DAY_NUMBER takes it (floor division: days before 2000 too).
+    days = paid["placed_at"] // _MICROS_PER_DAY
+    days += _POSTGRES_EPOCH_DAY
+    customer, days, values = _by_customer_and_day(paid["customer_id"], days, paid["value"])
     size = customer.size
     day_starts = np.flatnonzero(np.concatenate(([size > 0], (customer[1:] != customer[:-1]) | (days[1:] != days[:-1]))))
     occasion_customer = customer[day_starts]
@@ -417,10 +484,14 @@ async def _load_all_figures_by_copy(session: AsyncSession, as_of: datetime, conf
 
 @functools.cache
 def _referral_edges_statement(filtered: bool) -> Any:
-    # With ids: the edges of the given referrers and of their referees (two levels below each).
+    # With ids: the edges of the given referrers and of their referees (two levels below each). One IN over a
+    # union, not "referrer IN ids OR referrer IN (subquery)": PostgreSQL can answer that OR only by scanning every
+    # referral, on every real-time re-score; this reads the referrer index. The ids are customers' (the foreign key
+    # makes every referrer one), so taking them from the customer table keeps the same edges.
     sql = _REFERRALS_SQL.format(
         filter=(
-            "AND (referrer_id IN :ids OR referrer_id IN (SELECT referee_id FROM referral WHERE referrer_id IN :ids))"
+            "AND referrer_id IN (SELECT id FROM customer WHERE id IN :ids "
+            "UNION SELECT referee_id FROM referral WHERE referrer_id IN :ids)"
             if filtered
             else ""
         )
@@ -437,7 +508,8 @@ async def load_referral_edges(
         params["ids"] = list(customer_ids)
     statement = _referral_edges_statement(filtered=customer_ids is not None)
     rows = (await session.execute(statement, params)).all()
-    edges = np.array(rows, dtype=np.int64).reshape(-1, 2)
+    # Plain tuples: NumPy probes a Row for the array protocols first, and each probe raises inside SQLAlchemy.
+    edges = np.array([tuple(row) for row in rows], dtype=np.int64).reshape(-1, 2)
     return edges[:, 0], edges[:, 1]
 
 
@@ -494,8 +566,35 @@ async def load_interests(
     session: AsyncSession, as_of: datetime, config: ScoringConfig, customer_ids: Sequence[int] | None = None
 ) -> dict[int, list[dict[str, Any]]]:
     """The most engaged targets of each customer in the interest window."""
+    interests: dict[int, list[dict[str, Any]]] = {}
+    async for partition in _interest_rows(session, as_of, config, customer_ids):
+        for customer_id, target, engagements in partition:
+            interests.setdefault(int(customer_id), []).append({"target": target, "engagements": int(engagements)})
+    return interests
+
+
+async def load_interest_texts(session: AsyncSession, as_of: datetime, config: ScoringConfig) -> dict[int, str]:
+    """``load_interests`` for every customer, each customer's list as the JSON text ``json.dumps`` makes of it, which
+    is what a full run stores: built from the rows, without a dict for each target (a million customers' dicts
+    cost more time and memory than the rest of the population)."""
+    entries: dict[int, list[str]] = {}
+    # '{"target": "...", "engagements": ' for each target, escaped as json.dumps escapes a string.
+    openings: dict[str, str] = {}
+    async for partition in _interest_rows(session, as_of, config, None):
+        for customer_id, target, engagements in partition:
+            opening = openings.get(target)
+            if opening is None:
+                opening = openings[target] = f'{{"target": {encode_basestring_ascii(target)}, "engagements": '
+            entries.setdefault(int(customer_id), []).append(f"{opening}{int(engagements)}}}")
+    return {customer_id: f"[{', '.join(items)}]" for customer_id, items in entries.items()}
+
+
+async def _interest_rows(
+    session: AsyncSession, as_of: datetime, config: ScoringConfig, customer_ids: Sequence[int] | None
+) -> AsyncIterator[Sequence[Any]]:
+    """(customer, target, engagements) of the top interests, in customer order and each customer's best first."""
     if config.top_interests == 0:
-        return {}
+        return
     params: dict[str, Any] = {
         "as_of": as_of,
         "since": as_of - timedelta(days=config.interest_window_days),
@@ -504,8 +603,5 @@ async def load_interests(
     if customer_ids is not None:
         params["ids"] = list(customer_ids)
     statement = _interests_statement(filtered=customer_ids is not None)
-    interests: dict[int, list[dict[str, Any]]] = {}
     async for partition in _partitions(session, statement, params, streamed=customer_ids is None):
-        for customer_id, target, engagements in partition:
-            interests.setdefault(int(customer_id), []).append({"target": target, "engagements": int(engagements)})
-    return interests
+        yield partition

@@ -8,7 +8,9 @@ value on that grid.
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +52,12 @@ class ScoringModel:
     def initial(cls) -> ScoringModel:
         """Before any full run: documented default parameters and no population to rank against."""
         return cls(DEFAULT_BGNBD_PARAMS, default_gamma_gamma_params(), {}, 0.0)
+
+    @functools.cached_property
+    def grids(self) -> dict[str, FloatArray]:
+        """The cut-offs as arrays, for ``rank_on_cutoffs``: made once per model, not once per re-scored order
+        (turning three lists of 1001 floats into arrays was a third of the ranking's time)."""
+        return {name: np.asarray(grid or [], dtype=np.float64) for name, grid in self.cutoffs.items()}
 
     @classmethod
     def from_record(cls, model: dict[str, Any], cutoffs: dict[str, list[float]]) -> ScoringModel:
@@ -159,8 +167,12 @@ def score_inputs(
 
 
 def _safe(values: FloatArray) -> FloatArray:
-    """Model outputs are finite by construction; this keeps one odd row from ever writing NaN."""
-    return np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    """Model outputs are finite by construction; this keeps one odd row from ever writing NaN (or an infinity).
+
+    ``np.where`` rather than ``np.nan_to_num``: the same zeros, at a fraction of its fixed cost, which the
+    real-time path pays four times for every order it re-scores."""
+    array = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(array), array, 0.0)
 
 
 def rank_exactly(scores: Scores, scored: NDArray[np.bool_]) -> dict[str, list[float]]:
@@ -181,11 +193,14 @@ def rank_exactly(scores: Scores, scored: NDArray[np.bool_]) -> dict[str, list[fl
     return cutoffs
 
 
-def rank_on_cutoffs(scores: Scores, scored: NDArray[np.bool_], cutoffs: dict[str, list[float]]) -> None:
+def rank_on_cutoffs(
+    scores: Scores, scored: NDArray[np.bool_], cutoffs: Mapping[str, Sequence[float] | FloatArray]
+) -> None:
     """Percentiles read off a full run's cut-off grid (0 for everyone before the first run)."""
     for name in SCORE_NAMES:
         raw = scores.raw[name]
-        grid = np.asarray(cutoffs.get(name) or [], dtype=np.float64)
+        listed = cutoffs.get(name)
+        grid = np.asarray(listed if listed is not None else [], dtype=np.float64)
         if grid.size == 0:
             scores.score[name] = np.zeros_like(raw)
             continue

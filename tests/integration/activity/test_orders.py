@@ -63,6 +63,25 @@ async def test_replay_returns_stored_order_and_conflict_is_409(client, storefron
     assert await count(session_maker, Order) == 1
 
 
+async def test_an_order_of_several_lines_stores_each_line_as_sent(client, storefront, session_maker) -> None:
+    # On PostgreSQL the lines are inserted by the order's own statement: each keeps its number, amount and category.
+    items = [
+        {"sku": "A-1", "category": None, "quantity": 3, "unit_price": "0.05"},
+        {"sku": "B-2", "category": "shoes", "quantity": 1, "unit_price": "1234.56"},
+        {"sku": "A-1", "category": "hats", "quantity": 2, "unit_price": "0.00"},
+    ]
+    body = order("o-lines", total="1234.71", items=items)
+    first = await client.post("/v1/orders", json=body, headers=storefront)
+    replay = await client.post("/v1/orders", json=body, headers=storefront)
+    assert (first.status_code, replay.status_code) == (201, 200), first.text
+    assert first.json()["items"] == replay.json()["items"] == items
+    async with session_maker() as session:
+        stored = (
+            await session.execute(select(OrderItem.line_no, OrderItem.unit_price).order_by(OrderItem.line_no))
+        ).all()
+    assert [tuple(row) for row in stored] == [(0, Decimal("0.05")), (1, Decimal("1234.56")), (2, Decimal("0"))]
+
+
 async def test_replay_with_same_instant_in_another_offset_is_a_replay(client, storefront) -> None:
     await client.post("/v1/orders", json=order(), headers=storefront)
     replay = await client.post("/v1/orders", json=order(placed_at="2026-03-01T09:15:00Z"), headers=storefront)

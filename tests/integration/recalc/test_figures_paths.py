@@ -7,6 +7,7 @@ order (counts), a fully refunded order (does not), a partial refund, and a refun
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +18,7 @@ from loyalty.db.models import Customer
 from loyalty.db.session import read_only
 from loyalty.demo.generator import load_demo
 from loyalty.scoring.config import ScoringConfig
-from loyalty.scoring.figures import Figures, load_figures
+from loyalty.scoring.figures import Figures, load_figures, load_interest_texts, load_interests
 
 FIELDS = (
     "customer_id",
@@ -96,6 +97,33 @@ async def test_the_whole_population_and_single_customers_get_the_same_figures(
         # Refunded on 2026-03-01: still a purchase as of mid-February, gone as of April.
         expected = 1 if as_of.month == 2 else 0
         assert everyone.paid_orders[at["edge-d"]] == expected
+
+
+async def test_the_full_runs_interest_texts_are_the_interests_as_json(
+    client, storefront, engine, session_maker
+) -> None:
+    """The full run stores each customer's interests as text built from the rows: exactly what ``json.dumps`` makes
+    of ``load_interests``, with targets that JSON escapes."""
+    now = datetime(2026, 4, 1, tzinfo=UTC)
+    await load_demo(engine, customers=300, seed=5, now=now)
+    events = [
+        {
+            "event_id": f"odd-{index}",
+            "customer_id": "edge-odd",
+            "type": "product_view",
+            "target": target,
+            "occurred_at": "2026-03-20T10:00:00Z",
+        }
+        for index, target in enumerate(['category:"quoted"', "category:é ✓", "category:back\\slash"])
+    ]
+    assert (await client.post("/v1/events", json={"events": events}, headers=storefront)).status_code == 202
+    config = ScoringConfig()
+    async with read_only(session_maker)() as session:
+        interests = await load_interests(session, now, config)
+        texts = await load_interest_texts(session, now, config)
+    assert len(interests) > 100
+    assert texts == {customer_id: json.dumps(items) for customer_id, items in interests.items()}
+    assert any("\\u00e9" in text for text in texts.values())
 
 
 async def test_no_orders_at_all(client, storefront, session_maker) -> None:

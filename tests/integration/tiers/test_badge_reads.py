@@ -1,43 +1,43 @@
 """The badge's one-statement reads (`read_first`): more at once than the pool holds wait their turn, in order, and
-no longer than the pool itself would."""
+no longer than the pool itself would; on asyncpg, run on the driver's connection, they answer what SQLAlchemy
+answers, and a lost connection is recovered from as SQLAlchemy recovers from it."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import event, literal, select, text
+from sqlalchemy import bindparam, func, insert, literal, select, text
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
+from loyalty.db.models import Customer, CustomerTier
 from loyalty.db.session import create_engine, read_first
+from loyalty.lib.clock import utcnow
 
 
 async def test_reads_beyond_the_pool_are_served_in_arrival_order(settings, database) -> None:
     # One connection on PostgreSQL; SQLite's pool never has fewer than two, so there two reads run at once.
     engine = create_engine(settings.model_copy(update={"db_pool_size": 1, "db_max_overflow": 0}))
-    executed: list[int] = []
+    postgres = database.dialect == "postgresql"
 
-    @event.listens_for(engine.sync_engine, "before_cursor_execute")
-    def _record(_connection: Any, _cursor: Any, statement: str, parameters: Any, *_rest: Any) -> None:
-        if statement.startswith("SELECT"):  # not SQLite's BEGIN
-            executed.append(parameters[0])
-
-    async def read(number: int) -> int:
-        row = await read_first(engine, select(literal(number)), {})
+    async def read(number: int) -> Any:
+        # On PostgreSQL each read also answers when it ran, by the server's clock.
+        statement = select(literal(number), func.clock_timestamp()) if postgres else select(literal(number))
+        row = await read_first(engine, statement, {})
         assert row is not None
-        return int(row[0])
+        return row
 
     try:
-        answers = await asyncio.gather(*(read(number) for number in range(24)))
+        rows = await asyncio.gather(*(read(number) for number in range(24)))
     finally:
         await engine.dispose()
-    assert answers == list(range(24))
-    # Each read had its statement run in the order it asked for a connection.
-    assert sorted(executed) == list(range(24))
-    if database.dialect == "postgresql":
-        assert executed == list(range(24))
+    assert [int(row[0]) for row in rows] == list(range(24))
+    if postgres:
+        # Each read had its statement run in the order it asked for a connection.
+        assert [int(row[0]) for row in sorted(rows, key=lambda row: row[1])] == list(range(24))
 
 
 async def test_a_read_waits_no_longer_than_the_pool_timeout(settings, database) -> None:
@@ -56,5 +56,67 @@ async def test_a_read_waits_no_longer_than_the_pool_timeout(settings, database) 
         await holder
         # The slot the timed-out read waited for is not lost: the next read is served.
         assert await read_first(engine, select(literal(2)), {}) == (2,)
+    finally:
+        await engine.dispose()
+
+
+async def test_a_read_on_the_driver_answers_what_sqlalchemy_answers(engine, database) -> None:
+    if database.dialect != "postgresql":
+        pytest.skip("SQLite's reads run through SQLAlchemy itself")
+    now = utcnow()
+    progress = {"next_tier": "vip", "text": "spend 10.50 more", "missing": [{"figure": "net_spend", "needed": 1}]}
+    async with engine.begin() as connection:
+        customer_id = await connection.scalar(
+            insert(Customer).values(external_id="reader-1", attributes={}).returning(Customer.id)
+        )
+        await connection.execute(insert(Customer).values(external_id="reader-2", attributes={}))
+        await connection.execute(
+            insert(CustomerTier).values(
+                customer_id=customer_id,
+                tier="loyal",
+                since=now - timedelta(days=3),
+                qualified_tier="loyal",
+                progress=progress,
+                pinned_until=now + timedelta(days=2),
+                updated_at=now,
+            )
+        )
+    statement = select(
+        Customer.created_at, CustomerTier.tier, CustomerTier.since, CustomerTier.progress, CustomerTier.pinned_until
+    ).outerjoin(CustomerTier, CustomerTier.customer_id == Customer.id)
+    by_id = statement.where(Customer.external_id == bindparam("external_id"))
+    for external_id in ("reader-1", "reader-2", "nobody"):
+        async with engine.connect() as connection:
+            expected = (await connection.execute(by_id, {"external_id": external_id})).first()
+        row = await read_first(engine, by_id, {"external_id": external_id})
+        assert (row is None) == (expected is None)
+        if expected is not None:
+            assert tuple(row) == tuple(expected)
+            # Values, names and types alike: aware datetimes, the JSON document decoded.
+            assert row._asdict() == expected._asdict()
+            assert all(value is None or value.tzinfo is not None for value in (row.created_at, row.pinned_until))
+    assert (await read_first(engine, by_id, {"external_id": "reader-1"})).progress == progress
+
+
+async def test_a_read_on_a_lost_connection_is_answered_on_a_new_one(settings, database) -> None:
+    if database.dialect != "postgresql":
+        pytest.skip("needs a server connection to terminate")
+    engine = create_engine(settings.model_copy(update={"db_pool_size": 1, "db_max_overflow": 0}))
+    backend = select(func.pg_backend_pid())
+    try:
+        first = await read_first(engine, backend, {})
+        assert first is not None
+        # The pooled connection dies (a database restart, an administrator), unnoticed by the pool.
+        admin = create_engine(settings)
+        try:
+            async with admin.connect() as connection:
+                await connection.execute(select(func.pg_terminate_backend(first[0])))
+        finally:
+            await admin.dispose()
+        second = await read_first(engine, backend, {})
+        assert second is not None
+        assert second[0] != first[0]
+        # The dead connection was not handed out again: the next read runs on the new one.
+        assert await read_first(engine, backend, {}) == second
     finally:
         await engine.dispose()

@@ -182,7 +182,7 @@ def test_stage_chunk_stores_what_the_per_customer_path_stores(
     for got, want in zip(chunk.tiers, expected, strict=True):
         assert got == want
         assert [type(value) for value in got] == [type(value) for value in want]  # True is not 1, "" is not None
-    assert [row[staged.SCORE_COLUMNS.index("customer_id")] for row in chunk.scores] == kept
+    assert chunk.scores["customer_id"].tolist() == kept
 
 
 @CHECK
