@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import Connection, Dialect, Engine, Executable, Row, Select, event
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -251,9 +250,7 @@ def _read_first(
     if read is not None:
         try:
             return _read_first_on_driver(engine, read, parameters)
-        except SQLAlchemyError:
-            raise  # the pool's own errors (a checkout timeout is a 503), already in SQLAlchemy's terms
-        except Exception:  # noqa: S110 - answered below
+        except _DriverReadError:
             # Left to SQLAlchemy: running the read again its way reports the driver's error as every other
             # statement's is reported (a lost connection is a 503) and recovers the pool as it does (after a
             # database restart, the first such error invalidates every pooled connection). A read can run twice.
@@ -263,20 +260,25 @@ def _read_first(
         return configured.execute(statement, parameters).first()
 
 
+class _DriverReadError(Exception):
+    """The driver's connection failed a read that had its connection: SQLAlchemy is to run it instead."""
+
+
 def _read_first_on_driver(engine: Engine, read: _AsyncpgRead, parameters: Mapping[str, Any]) -> tuple[Any, ...] | None:
     """The read on asyncpg's own connection, outside a transaction as `single_statement` runs it: the pool's
-    connections are in asyncpg's default mode, where a lone statement commits by itself."""
+    connections are in asyncpg's default mode, where a lone statement commits by itself.
+
+    The connection is checked out as SQLAlchemy checks it out, so a full pool or a database out of reach fails
+    here as it would there, once: tried again, a host that does not answer would keep the read waiting twice."""
     arguments = read.arguments(parameters)
-    pooled = engine.raw_connection()
-    try:
-        driver: Any = pooled.driver_connection
-        record = await_only(driver.fetchrow(read.sql, *arguments))
-    except Exception as error:
-        # Whatever broke (the connection, the statement), this connection is not handed out again.
-        pooled.invalidate(error)
-        raise
-    finally:
-        pooled.close()
+    with engine.connect() as connection:
+        driver: Any = connection.connection.driver_connection
+        try:
+            record = await_only(driver.fetchrow(read.sql, *arguments))
+        except Exception as error:
+            # Whatever broke (the connection, the statement), this connection is not handed out again.
+            connection.invalidate(error)
+            raise _DriverReadError from error
     return read.row(record)
 
 

@@ -10,7 +10,8 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, func, insert, literal, select, text
+from sqlalchemy import bindparam, event, func, insert, literal, make_url, select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from loyalty.db.models import Customer, CustomerTier
@@ -120,3 +121,21 @@ async def test_a_read_on_a_lost_connection_is_answered_on_a_new_one(settings, da
         assert await read_first(engine, backend, {}) == second
     finally:
         await engine.dispose()
+
+
+async def test_a_database_out_of_reach_is_tried_once(settings, database) -> None:
+    # A refused connection stands in for a host that does not answer: trying again would double that wait. The
+    # error is what SQLAlchemy's own checkout raises (asyncpg's connect errors are OSErrors), which the API answers
+    # with a 503.
+    if database.dialect != "postgresql":
+        pytest.skip("a server to be out of reach of")
+    unreachable = make_url(settings.database_url).set(host="127.0.0.1", port=1).render_as_string(hide_password=False)
+    engine = create_engine(settings.model_copy(update={"database_url": unreachable}))
+    attempts: list[int] = []
+    event.listen(engine.sync_engine, "do_connect", lambda *_arguments: attempts.append(1))
+    try:
+        with pytest.raises((DBAPIError, OSError)):
+            await read_first(engine, select(literal(1)), {})
+    finally:
+        await engine.dispose()
+    assert len(attempts) == 1
