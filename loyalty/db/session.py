@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import Connection, Dialect, Engine, Executable, Row, Select, event
+from sqlalchemy import Connection, Dialect, Engine, Executable, Numeric, Row, Select, event
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -170,7 +170,10 @@ class _AsyncpgRead:
     @classmethod
     def of(cls, statement: Select[Any], dialect: Dialect) -> _AsyncpgRead | None:
         """The read, or None for a select SQLAlchemy must run itself: one with parameters expanded at execution
-        (``IN`` lists) is not final SQL once compiled."""
+        (``IN`` lists) is not final SQL once compiled, and a numeric or float column's result processing on asyncpg
+        depends on the type the server reports for it, which only a cursor knows."""
+        if any(isinstance(column.type, Numeric) for column in statement.selected_columns):
+            return None
         compiled = statement.compile(dialect=dialect)
         if not isinstance(compiled, SQLCompiler) or compiled.post_compile_params or compiled.literal_execute_params:
             return None

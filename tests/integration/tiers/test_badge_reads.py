@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 
 import pytest
-from sqlalchemy import bindparam, event, func, insert, literal, make_url, select, text
+from sqlalchemy import Float, Numeric, bindparam, cast, event, func, insert, literal, make_url, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -97,6 +98,16 @@ async def test_a_read_on_the_driver_answers_what_sqlalchemy_answers(engine, data
             assert row._asdict() == expected._asdict()
             assert all(value is None or value.tzinfo is not None for value in (row.created_at, row.pinned_until))
     assert (await read_first(engine, by_id, {"external_id": "reader-1"})).progress == progress
+    # Numbers whose processing depends on the type the server reports (left to SQLAlchemy): the same values too.
+    numbers = select(
+        cast(literal("12.50"), Numeric(10, 2)).label("amount"), cast(literal(0.25), Float).label("ratio")
+    ).where(Customer.external_id == bindparam("external_id"))
+    async with engine.connect() as connection:
+        expected = (await connection.execute(numbers, {"external_id": "reader-1"})).first()
+    row = await read_first(engine, numbers, {"external_id": "reader-1"})
+    assert row is not None
+    assert expected is not None
+    assert tuple(row) == tuple(expected) == (Decimal("12.50"), 0.25)
 
 
 async def test_a_read_on_a_lost_connection_is_answered_on_a_new_one(settings, database) -> None:
