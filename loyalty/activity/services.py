@@ -94,6 +94,8 @@ def _insert_new_order(dialect: str) -> Insert:
 
 
 _INSERT_ITEM = insert(_ITEM_TABLE)
+# The item columns a new order's statement takes as arrays (PostgreSQL), one array per column.
+_ITEM_FIELDS = ("sku", "category", "quantity", "unit_price")
 
 
 @functools.cache
@@ -132,9 +134,6 @@ def _insert_new_order_and_lock(with_items: bool) -> Select[Any]:
         .join(item, true()),
     )
     return statement.add_cte(new_items.cte("new_items"))
-
-
-_ITEM_FIELDS = ("sku", "category", "quantity", "unit_price")
 
 
 async def create_order(session: AsyncSession, data: schemas.OrderCreate) -> Written[schemas.Order]:

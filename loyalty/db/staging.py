@@ -103,8 +103,8 @@ _COPY_HEADER = COPY_SIGNATURE + bytes(8)
 _COPY_TRAILER = b"\xff\xff"
 _NULL_FIELD = b"\xff\xff\xff\xff"
 # timestamptz travels as microseconds since 2000-01-01 UTC.
-_POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
-_POSTGRES_EPOCH_MICROS = micros_of(_POSTGRES_EPOCH)
+POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_POSTGRES_EPOCH_MICROS = micros_of(POSTGRES_EPOCH)
 _TIMESTAMP = "timestamp with time zone"
 # The fixed-width types (as format_type names them) and their binary forms; text, varchar and json travel as
 # their UTF-8 text.
@@ -131,7 +131,7 @@ class _EncodedFields(dict[Any, bytes]):
 
 
 def _instant_bytes(instant: datetime) -> bytes:
-    return ((instant - _POSTGRES_EPOCH) // timedelta(microseconds=1)).to_bytes(8, "big", signed=True)
+    return (micros_of(instant) - _POSTGRES_EPOCH_MICROS).to_bytes(8, "big", signed=True)
 
 
 def _fixed_column(type_name: str, values: Any) -> NDArray[Any] | None:

@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from loyalty.db.staging import driver_in_transaction
+from loyalty.db.staging import COPY_SIGNATURE, EPOCH, POSTGRES_EPOCH, driver_in_transaction
 from loyalty.db.types import DateTimeUTC
 from loyalty.lib.money import STORAGE_FACTOR
 from loyalty.scoring.config import ScoringConfig
@@ -137,11 +137,10 @@ def _copy_row(fields: Sequence[tuple[str, str]]) -> np.dtype[Any]:
 
 # placed_at: a timestamptz travels as microseconds since 2000-01-01 UTC.
 _PAID_ORDER_FIELDS = (("customer_id", "i8"), ("placed_at", "i8"), ("value", "i8"))
-_POSTGRES_EPOCH_DAY = 10_957  # 2000-01-01 as a day number
+_POSTGRES_EPOCH_DAY = (POSTGRES_EPOCH - EPOCH).days
 _MICROS_PER_DAY = 86_400_000_000
 _ENGAGEMENT_FIELDS = (("customer_id", "i8"), ("reviews", "i8"), ("shares", "i8"))
-_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
-_COPY_HEADER = len(_COPY_SIGNATURE) + 8  # flags and header-extension length, both int32
+_COPY_HEADER = len(COPY_SIGNATURE) + 8  # flags and header-extension length, both int32
 
 _REFERRALS_SQL = """
 SELECT referrer_id, referee_id FROM referral WHERE occurred_at <= :as_of {filter}
@@ -365,7 +364,7 @@ class _CopyColumns:
             if len(pending) < _COPY_HEADER:
                 self._pending = pending
                 return
-            if not pending.startswith(_COPY_SIGNATURE):
+            if not pending.startswith(COPY_SIGNATURE):
                 raise ValueError("not a binary COPY stream")
             extension = int.from_bytes(pending[_COPY_HEADER - 4 : _COPY_HEADER], "big")
             pending = pending[_COPY_HEADER + extension :]
