@@ -7,6 +7,7 @@ SQLite has no arrays; it gets the portable forms (``IN (...)``, a multi-row ``IN
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
-from loyalty.db.staging import driver_in_transaction, write_rows
+from loyalty.db.staging import write_rows
 
 
 def in_list(session: AsyncSession, column: InstrumentedAttribute[Any], values: Sequence[Any]) -> ColumnElement[bool]:
@@ -38,16 +39,53 @@ def _membership(
     return column.in_(bindparam(name, values, expanding=True))
 
 
-def _storage_form(
+def storage_form(
     dialect: Dialect, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]
 ) -> list[list[Any]]:
     """Each column's values as the driver receives them (money as integers, times in UTC), one list per column."""
     arrays: list[list[Any]] = []
-    for position, name in enumerate(columns):
-        processor = table.c[name].type.bind_processor(dialect)
+    for position, processor in enumerate(_bind_processors(dialect, table, tuple(columns))):
         values = [row[position] for row in rows]
         arrays.append([processor(value) for value in values] if processor else values)
     return arrays
+
+
+@functools.cache
+def _bind_processors(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> list[Any]:
+    """The columns' bind processors, looked up once per process: the real-time re-score converts a row of some
+    thirty columns on every order, and asking each type for its processor cost more than the conversions."""
+    return [table.c[name].type.bind_processor(dialect) for name in columns]
+
+
+def unnest_insert_sql(
+    dialect: Dialect, table: Table, columns: Sequence[str], first_parameter: int = 1, where: str = ""
+) -> str:
+    """PostgreSQL: ``INSERT INTO table (columns) SELECT * FROM unnest($n::type[], ...) [WHERE where]``.
+
+    Each column travels as one array parameter (``storage_form``), numbered from ``first_parameter``, so the
+    statement is the same short text, prepared once, for one row or thousands. Only identifiers from the table's
+    metadata and the caller's own SQL are spliced in; every value is a parameter.
+    """
+    quote = dialect.identifier_preparer.quote
+    array_types = ", ".join(
+        f"${position}::{table.c[name].type.compile(dialect=dialect)}[]"
+        for position, name in enumerate(columns, start=first_parameter)
+    )
+    return (
+        f"INSERT INTO {quote(table.name)} ({', '.join(quote(table.c[name].name) for name in columns)}) "  # noqa: S608
+        f"SELECT * FROM unnest({array_types}){f' WHERE {where}' if where else ''}"
+    )
+
+
+def on_conflict_update_sql(dialect: Dialect, table: Table, columns: Sequence[str], conflict_column: str) -> str:
+    """``ON CONFLICT (conflict_column) DO UPDATE`` setting every other of ``columns`` to the new row's value."""
+    quote = dialect.identifier_preparer.quote
+    updates = ", ".join(
+        f"{quote(table.c[name].name)} = EXCLUDED.{quote(table.c[name].name)}"
+        for name in columns
+        if name != conflict_column
+    )
+    return f"ON CONFLICT ({quote(table.c[conflict_column].name)}) DO UPDATE SET {updates}"
 
 
 async def insert_new_rows(
@@ -75,20 +113,15 @@ async def insert_new_rows(
         )
         result = await connection.execute(statement, [dict(zip(columns, row, strict=True)) for row in rows])
         return [tuple(row) for row in result]
-    arrays = _storage_form(dialect, table, columns, rows)
     quote = dialect.identifier_preparer.quote
-    array_types = ", ".join(
-        f"${position}::{table.c[name].type.compile(dialect=dialect)}[]"
-        for position, name in enumerate(columns, start=1)
-    )
-    # Only identifiers from the table's metadata are spliced in; every value travels as a parameter.
     sql = (
-        f"INSERT INTO {quote(table.name)} ({', '.join(quote(table.c[name].name) for name in columns)}) "  # noqa: S608
-        f"SELECT * FROM unnest({array_types}) ON CONFLICT ({quote(table.c[conflict_column].name)}) DO NOTHING "
-        f"RETURNING {', '.join(quote(table.c[name].name) for name in returning)}"
+        f"{unnest_insert_sql(dialect, table, columns)} ON CONFLICT ({quote(table.c[conflict_column].name)}) "
+        f"DO NOTHING RETURNING {', '.join(quote(table.c[name].name) for name in returning)}"
     )
-    driver = await driver_in_transaction(connection)
-    return [tuple(record) for record in await driver.fetch(sql, *arrays)]
+    # Through SQLAlchemy, not on the driver: a lost connection is then reported and invalidated as on every other
+    # statement (a 503 while the database restarts).
+    result = await connection.exec_driver_sql(sql, tuple(storage_form(dialect, table, columns, rows)))
+    return [tuple(row) for row in result]
 
 
 async def insert_rows(
@@ -97,5 +130,5 @@ async def insert_rows(
     """Plain inserts of rows that cannot conflict (children of rows inserted just now): COPY on PostgreSQL."""
     if not rows:
         return
-    arrays = _storage_form(connection.dialect, table, columns, rows)
+    arrays = storage_form(connection.dialect, table, columns, rows)
     await write_rows(connection, table.name, columns, list(zip(*arrays, strict=True)))

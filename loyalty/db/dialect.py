@@ -13,8 +13,9 @@ from sqlalchemy.sql.dml import Insert
 from loyalty.db.base import Base
 
 
-def is_postgres(session: AsyncSession) -> bool:
-    return session.get_bind().dialect.name == "postgresql"
+def is_postgres(session: AsyncSession | str) -> bool:
+    """``session`` may be the dialect's name, for SQL built once per process and reused."""
+    return (session if isinstance(session, str) else session.get_bind().dialect.name) == "postgresql"
 
 
 def insert_ignoring_conflicts(
@@ -83,7 +84,7 @@ async def plan_for_these_parameters(session: AsyncSession) -> None:
         await session.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
 
 
-def random_code_sql(session: AsyncSession) -> str:
+def random_code_sql(session: AsyncSession | str) -> str:
     """SQL for a fresh 64-bit random code in upper-case hex, drawn from the database's strong random source.
 
     PostgreSQL's gen_random_uuid() and SQLite's randomblob() both use a cryptographic generator, so codes issued
@@ -94,7 +95,7 @@ def random_code_sql(session: AsyncSession) -> str:
     return "hex(randomblob(8))"
 
 
-def json_object_sql(session: AsyncSession, fields: Sequence[tuple[str, str]]) -> str:
+def json_object_sql(session: AsyncSession | str, fields: Sequence[tuple[str, str]]) -> str:
     """SQL building a JSON object from (key, SQL expression) pairs."""
     function = "json_build_object" if is_postgres(session) else "json_object"
     arguments = ", ".join(f"'{key}', {expression}" for key, expression in fields)

@@ -26,12 +26,9 @@ from loyalty.scoring.models import (
     GammaGammaFit,
     GammaGammaParams,
     default_gamma_gamma_params,
-    expected_purchases,
-    expected_spend,
     fit_bgnbd,
     fit_gamma_gamma,
-    predicted_value,
-    probability_alive,
+    predict,
 )
 
 SCORE_NAMES = ("value", "frequency", "influence")
@@ -135,21 +132,20 @@ def score_inputs(
         full[scored] = _safe(values)
         return full
 
-    purchases = spread(expected_purchases(bgnbd, horizon, x, t_x, age))
-    alive = spread(probability_alive(bgnbd, x, t_x, age))
-    spend = spread(expected_spend(gamma_gamma, mean_spend, x))
-    value = spread(
-        predicted_value(
-            bgnbd,
-            gamma_gamma,
-            x,
-            t_x,
-            age,
-            mean_spend,
-            horizon_days=horizon,
-            annual_discount_rate=config.annual_discount_rate,
-        )
+    predictions = predict(
+        bgnbd,
+        gamma_gamma,
+        x,
+        t_x,
+        age,
+        mean_spend,
+        horizon_days=horizon,
+        annual_discount_rate=config.annual_discount_rate,
     )
+    purchases = spread(predictions.expected_purchases)
+    alive = spread(predictions.probability_alive)
+    spend = spread(predictions.expected_spend)
+    value = spread(predictions.predicted_value)
     weights = config.influence
     revenue_in_orders = referrals.referred_revenue / order_value if order_value > 0 else np.zeros(len(figures))
     influence = (

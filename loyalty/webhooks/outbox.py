@@ -5,6 +5,7 @@ Producers insert with a unique `dedupe_key`, so a retried run or dispatch announ
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -45,8 +46,16 @@ class HistorySelection:
 
 async def announce_tier_changes(session: AsyncSession, selection: HistorySelection, now: datetime) -> None:
     """One `tier.changed` event per history row."""
+    statement = _tier_changed_statement(session.get_bind().dialect.name, selection.run_id is not None)
+    await session.execute(statement, {**selection.params(), "now": now})
+
+
+@functools.cache
+def _tier_changed_statement(dialect: str, by_run: bool) -> Any:
+    """Built once per process and shape: the real-time re-score announces on every order that changes a tier, and
+    building the statement (parsing its text for parameters) cost more than running it."""
     payload = json_object_sql(
-        session,
+        dialect,
         [
             ("customer_id", "c.external_id"),
             ("from", "h.from_tier"),
@@ -55,6 +64,7 @@ async def announce_tier_changes(session: AsyncSession, selection: HistorySelecti
             ("reason", "h.reason"),
         ],
     )
+    selection = HistorySelection(run_id=0 if by_run else None)
     # Only our own SQL fragments are interpolated; every value is a bound parameter.
     sql = f"""
         INSERT INTO outbox_event (event_type, customer_id, dedupe_key, occurred_at, payload, created_at)
@@ -63,5 +73,4 @@ async def announce_tier_changes(session: AsyncSession, selection: HistorySelecti
         WHERE {selection.where()}
         ON CONFLICT (dedupe_key) DO NOTHING
     """
-    statement = selection.bind(text(sql).bindparams(bindparam("now", type_=DateTimeUTC())))
-    await session.execute(statement, {**selection.params(), "now": now})
+    return selection.bind(text(sql).bindparams(bindparam("now", type_=DateTimeUTC())))

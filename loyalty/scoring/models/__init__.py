@@ -26,7 +26,7 @@ from loyalty.scoring.models.gamma_gamma import (
     gamma_gamma_log_likelihood,
 )
 from loyalty.scoring.models.transactions import CustomerSummary, summarise_transactions
-from loyalty.scoring.models.value import predicted_value
+from loyalty.scoring.models.value import Predictions, predict
 
 __all__ = [
     "CDNOW_GAMMA_GAMMA_PARAMS",
@@ -36,6 +36,7 @@ __all__ = [
     "CustomerSummary",
     "GammaGammaFit",
     "GammaGammaParams",
+    "Predictions",
     "bgnbd_log_likelihood",
     "bgnbd_log_likelihood_gradient",
     "bgnbd_log_likelihood_hessian",
@@ -46,7 +47,7 @@ __all__ = [
     "fit_bgnbd",
     "fit_gamma_gamma",
     "gamma_gamma_log_likelihood",
-    "predicted_value",
+    "predict",
     "probability_alive",
     "summarise_transactions",
 ]

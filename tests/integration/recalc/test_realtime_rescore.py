@@ -1,4 +1,5 @@
-"""The re-score inside POST /v1/orders: concurrent orders all counted, referrers up to two levels re-scored."""
+"""The re-score inside POST /v1/orders: concurrent orders all counted, referrers up to two levels re-scored, rows
+locked in a full run's order."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import asyncio
 from datetime import datetime
 from typing import Any
 
+import asyncpg
+import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.db.models import Customer, CustomerScore
+from loyalty.db.session import transaction
+from loyalty.recalc import incremental
+from loyalty.tiers.config import load_tiers
 
 
 def order(order_id: str, customer_id: str, total: str = "40.00") -> dict[str, Any]:
@@ -63,3 +69,51 @@ async def test_an_order_rescores_the_referrers_two_levels_up(client, storefront,
     # The second level counts at the configured decay.
     assert grandparent.referred_revenue > 0
     assert (await score_of(session_maker, "outsider")).computed_at == before["outsider"]
+
+
+async def test_a_rescore_locks_the_score_row_before_the_tier_row(
+    client, storefront, database, settings, session_maker
+) -> None:
+    """A full run's write locks scores, then tiers (``staged.apply``); the re-score must take them in that order
+    too, or the two can wait on each other in a cycle. With the tier row held elsewhere, a re-score that is
+    waiting for it must already hold the score row."""
+    if database.dialect != "postgresql":
+        pytest.skip("SQLite has one writer at a time: no row locks to order")
+    assert (await client.post("/v1/orders", json=order("o-first", "c-locks"), headers=storefront)).status_code == 201
+    url = database.url.replace("postgresql+asyncpg://", "postgresql://")
+    holder, prober = await asyncpg.connect(url), await asyncpg.connect(url)
+    try:
+        customer_id = await holder.fetchval("SELECT id FROM customer WHERE external_id = 'c-locks'")
+        holding_tier = holder.transaction()
+        await holding_tier.start()
+        await holder.execute("SELECT 1 FROM customer_tier WHERE customer_id = $1 FOR UPDATE", customer_id)
+
+        async def rescore() -> dict[int, str]:
+            async with transaction(session_maker) as session:
+                return await incremental.rescore(
+                    session, [customer_id], load_tiers(settings.tiers_file), incremental.ModelCache()
+                )
+
+        rescoring = asyncio.create_task(rescore())
+        score_locked = False
+        for _ in range(200):
+            # A row lock is waited for on the holder's transaction id: the only lock anyone here can wait for.
+            waiting = await prober.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted")
+            if waiting:
+                try:
+                    async with prober.transaction():
+                        await prober.execute(
+                            "SELECT 1 FROM customer_score WHERE customer_id = $1 FOR UPDATE NOWAIT", customer_id
+                        )
+                except asyncpg.LockNotAvailableError:
+                    score_locked = True
+                break
+            await asyncio.sleep(0.025)
+        else:
+            pytest.fail("the re-score never waited for the held tier row")
+        await holding_tier.rollback()
+        assert score_locked, "the re-score waits for the tier row without holding the score row"
+        assert (await asyncio.wait_for(rescoring, 10)) == {customer_id: "one_time"}
+    finally:
+        await holder.close()
+        await prober.close()

@@ -1,6 +1,8 @@
-"""predicted_value: product of the two models, discounting by steps, finiteness."""
+"""predict: the predicted value is the product of the two models, discounted by steps, finite."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import pytest
@@ -11,13 +13,33 @@ from loyalty.scoring.models import (
     BGNBDParams,
     expected_purchases,
     expected_spend,
-    predicted_value,
+    predict,
+    probability_alive,
 )
 
 X = np.array([0.0, 1.0, 4.0, 30.0, 5000.0])
 T_X = np.array([0.0, 20.0, 300.0, 350.0, 19_990.0])
 T = np.array([10.0, 200.0, 365.0, 400.0, 20_000.0])
 SPEND = np.array([0.0, 25.0, 40.0, 12.5, 80.0])
+
+
+def predicted_value(*arguments: Any, **settings: Any) -> np.ndarray:
+    return predict(*arguments, **settings).predicted_value
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.1])
+def test_predict_gives_each_prediction_exactly_as_alone(rate: float) -> None:
+    """The re-score takes all four from ``predict``; they must be the standalone functions' values to the bit."""
+    together = predict(
+        DEFAULT_BGNBD_PARAMS, CDNOW_GAMMA_GAMMA_PARAMS, X, T_X, T, SPEND, horizon_days=365.0, annual_discount_rate=rate
+    )
+    assert np.array_equal(together.expected_purchases, expected_purchases(DEFAULT_BGNBD_PARAMS, 365.0, X, T_X, T))
+    assert np.array_equal(together.probability_alive, probability_alive(DEFAULT_BGNBD_PARAMS, X, T_X, T))
+    assert np.array_equal(together.expected_spend, expected_spend(CDNOW_GAMMA_GAMMA_PARAMS, SPEND, X))
+    if rate == 0.0:
+        assert np.array_equal(together.predicted_value, together.expected_purchases * together.expected_spend)
+    else:
+        assert np.all(together.predicted_value < together.expected_purchases * together.expected_spend)
 
 
 def test_undiscounted_value_is_purchases_times_spend() -> None:
