@@ -95,6 +95,15 @@ def random_code_sql(session: AsyncSession | str) -> str:
     return "hex(randomblob(8))"
 
 
+def json_rows_sql(dialect: str, expressions: Sequence[str]) -> str:
+    """An aggregate: the group's rows as JSON text, ``[[e1, e2, ...], ...]`` in no set order; ``NULL`` or ``[]``
+    when there are none."""
+    row = ", ".join(expressions)
+    if dialect == "postgresql":
+        return f"CAST(json_agg(json_build_array({row})) AS TEXT)"
+    return f"json_group_array(json_array({row}))"
+
+
 def json_object_sql(session: AsyncSession | str, fields: Sequence[tuple[str, str]]) -> str:
     """SQL building a JSON object from (key, SQL expression) pairs."""
     function = "json_build_object" if is_postgres(session) else "json_object"

@@ -10,6 +10,7 @@ import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -19,6 +20,7 @@ from sqlalchemy import (
     CompoundSelect,
     Insert,
     Select,
+    Text,
     bindparam,
     column,
     insert,
@@ -26,26 +28,32 @@ from sqlalchemy import (
     union,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, Row
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.selectable import TextualSelect
 
 from loyalty.db.base import Base
 from loyalty.db.bulk import on_conflict_update_sql, storage_form, unnest_insert_sql
+from loyalty.db.dialect import json_rows_sql
 from loyalty.db.models import Customer, CustomerScore, CustomerTier, RecalcRun, Referral, TierHistory
+from loyalty.db.types import DateTimeUTC
 from loyalty.lib.clock import utcnow
 from loyalty.offers.welcome import issue_welcome_offers
 from loyalty.ops import metrics
 from loyalty.recalc.assignments import TIER_STATE_COLUMNS, place_customer
+from loyalty.scoring.config import ScoringConfig
 from loyalty.scoring.figures import (
     FIGURE_COLUMNS,
+    edges_from_json,
     figures_from_rows,
     figures_parameters,
     figures_statement,
+    interest_parameters,
+    interests_from_json,
+    interests_sql,
     load_figures,
-    load_interests,
-    load_referral_edges,
+    referral_edges_sql,
     referral_figures,
 )
 from loyalty.scoring.scores import ScoringModel, rank_on_cutoffs, score_inputs
@@ -144,27 +152,58 @@ async def _lock_customers(connection: AsyncConnection, customer_ids: Sequence[in
     return list((await connection.scalars(statement, {"customer_ids": list(customer_ids)})).all())
 
 
-# Each customer's figures with their stored tier and the run of their stored score: one read, a round trip fewer.
-_FIGURES_AND_STATE_SQL = f"""
-SELECT f.*, t.customer_id, {", ".join(f"t.{state.name}" for state in TIER_STATE_COLUMNS)}, s.customer_id, s.run_id
+# Each customer's figures with their stored tier, the run of their stored score, their top interests and the
+# referral edges below them (their referees' and those referees' own): one read, where these were four round trips.
+# Interests and edges are read once for all the customers (the full definitions, filtered by the same ids) and each
+# row takes its own as JSON text. An edge two rows share arrives twice and counts once (``edges_from_json``).
+# MATERIALIZED: inlined into each row's subquery, the edges' filter became "referrer = this customer OR ...", which
+# PostgreSQL answered by scanning every referral for every customer read.
+_FIGURES_AND_STATE_SQL = """
+WITH interests AS MATERIALIZED ({interests}), edges AS MATERIALIZED ({edges})
+SELECT f.*, t.customer_id, {state}, s.customer_id, s.run_id,
+       (SELECT {interest_rows} FROM interests i WHERE i.customer_id = f.id),
+       (SELECT {edge_rows} FROM edges e
+        WHERE e.referrer_id = f.id OR e.referrer_id IN (SELECT referee_id FROM referral WHERE referrer_id = f.id))
 FROM ({{figures}}) f
 LEFT JOIN customer_tier t ON t.customer_id = f.id
 LEFT JOIN customer_score s ON s.customer_id = f.id
 ORDER BY f.id
-"""  # noqa: S608 (only column names of our own tables are spliced in)
+"""
 
 
 @functools.cache
 def _figures_and_state(dialect: str) -> TextualSelect:
-    statement: TextualSelect = figures_statement(dialect, filtered=True, around=_FIGURES_AND_STATE_SQL).columns(
-        *(column(f"figure_{position}") for position in range(FIGURE_COLUMNS)),
-        column("tier_customer_id", BigInteger),
-        # Typed, so stored times come back as aware datetimes on SQLite too.
-        *(column(state.name, state.type) for state in TIER_STATE_COLUMNS),
-        column("score_customer_id", BigInteger),
-        column("run_id", BigInteger),
+    around = _FIGURES_AND_STATE_SQL.format(
+        interests=interests_sql(filtered=True),
+        edges=referral_edges_sql(filtered=True),
+        state=", ".join(f"t.{state.name}" for state in TIER_STATE_COLUMNS),
+        interest_rows=json_rows_sql(dialect, ["i.target", "i.engagements", "i.position"]),
+        edge_rows=json_rows_sql(dialect, ["e.referrer_id", "e.referee_id"]),
+    )
+    statement: TextualSelect = (
+        figures_statement(dialect, filtered=True, around=around)
+        .bindparams(bindparam("since", type_=DateTimeUTC()))
+        .columns(
+            *(column(f"figure_{position}") for position in range(FIGURE_COLUMNS)),
+            column("tier_customer_id", BigInteger),
+            # Typed, so stored times come back as aware datetimes on SQLite too.
+            *(column(state.name, state.type) for state in TIER_STATE_COLUMNS),
+            column("score_customer_id", BigInteger),
+            column("run_id", BigInteger),
+            column("interests", Text),
+            column("edges", Text),
+        )
     )
     return statement
+
+
+async def read_customers(
+    connection: AsyncConnection, now: datetime, config: ScoringConfig, ids: Sequence[int]
+) -> Sequence[Row[Any]]:
+    """The customers' rows of ``_FIGURES_AND_STATE_SQL``, in id order: figures first (``figures_from_rows``), then
+    the stored tier state, ``run_id``, ``interests`` and ``edges`` (``interests_from_json``, ``edges_from_json``)."""
+    parameters = {**figures_parameters(now, config, ids), **interest_parameters(now, config)}
+    return (await connection.execute(_figures_and_state(connection.dialect.name), parameters)).all()
 
 
 async def _connection(session: AsyncSession) -> AsyncConnection:
@@ -199,15 +238,14 @@ async def _rescore_locked(
     now = utcnow()
     config = tiers.scoring
     model, _run_id = await cache.get(session)
-    dialect = connection.dialect.name
-    customer_rows = (await connection.execute(_figures_and_state(dialect), figures_parameters(now, config, ids))).all()
+    customer_rows = await read_customers(connection, now, config, ids)
     figures = figures_from_rows(customer_rows, now)
-    referrers, referees = await load_referral_edges(session, now, ids)
+    referrers, referees = edges_from_json(row.edges for row in customer_rows)
     referee_figures = (
         await load_figures(session, now, config, sorted(set(referees.tolist()))) if referees.size else None
     )
     referrals = referral_figures(figures, referrers, referees, config.second_level_decay, referee_figures)
-    interests = await load_interests(session, now, config, ids)
+    interests = {row[0]: interests_from_json(row.interests) for row in customer_rows}
     scores = score_inputs(figures, referrals, model.bgnbd, model.gamma_gamma, config, model.mean_order_value)
     rank_on_cutoffs(scores, figures.scored, model.grids)
 

@@ -11,8 +11,9 @@ paid orders are streamed by COPY and grouped in NumPy) and the real-time re-scor
 from __future__ import annotations
 
 import functools
+import json
 import math
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from json.encoder import encode_basestring_ascii
@@ -158,7 +159,7 @@ ranked AS (
            ROW_NUMBER() OVER (PARTITION BY customer_id ORDER BY engagements DESC, last_at DESC, target) AS position
     FROM counted
 )
-SELECT customer_id, target, engagements FROM ranked WHERE position <= :top ORDER BY customer_id, position
+SELECT customer_id, target, engagements, position FROM ranked WHERE position <= :top ORDER BY customer_id, position
 """
 
 
@@ -480,12 +481,13 @@ async def _load_all_figures_by_copy(session: AsyncSession, as_of: datetime, conf
 
 
 @functools.cache
-def _referral_edges_statement(filtered: bool) -> Any:
-    # With ids: the edges of the given referrers and of their referees (two levels below each). One IN over a
-    # union, not "referrer IN ids OR referrer IN (subquery)": PostgreSQL can answer that OR only by scanning every
-    # referral, on every real-time re-score; this reads the referrer index. The ids are customers' (the foreign key
-    # makes every referrer one), so taking them from the customer table keeps the same edges.
-    sql = _REFERRALS_SQL.format(
+def referral_edges_sql(filtered: bool) -> str:
+    """(referrer_id, referee_id) as of ``:as_of``; with ``:ids``, the edges of those referrers and of their referees
+    (two levels below each)."""
+    # One IN over a union, not "referrer IN ids OR referrer IN (subquery)": PostgreSQL can answer that OR only by
+    # scanning every referral, on every real-time re-score; this reads the referrer index. The ids are customers'
+    # (the foreign key makes every referrer one), so taking them from the customer table keeps the same edges.
+    return _REFERRALS_SQL.format(
         filter=(
             "AND referrer_id IN (SELECT id FROM customer WHERE id IN :ids "
             "UNION SELECT referee_id FROM referral WHERE referrer_id IN :ids)"
@@ -493,7 +495,11 @@ def _referral_edges_statement(filtered: bool) -> Any:
             else ""
         )
     )
-    return _expanding(text(sql).bindparams(bindparam("as_of", type_=DateTimeUTC())), filtered)
+
+
+@functools.cache
+def _referral_edges_statement(filtered: bool) -> Any:
+    return _expanding(text(referral_edges_sql(filtered)).bindparams(bindparam("as_of", type_=DateTimeUTC())), filtered)
 
 
 async def load_referral_edges(
@@ -553,10 +559,38 @@ def referral_figures(
     return ReferralFigures(converted, revenue)
 
 
+def interests_sql(filtered: bool) -> str:
+    """(customer_id, target, engagements, position) of each customer's top ``:top`` interests in the window
+    (``:since``, ``:as_of``], best first; with ``:ids``, of those customers only."""
+    return _INTERESTS_SQL.format(filter="AND customer_id IN :ids" if filtered else "")
+
+
+def interest_parameters(as_of: datetime, config: ScoringConfig) -> dict[str, Any]:
+    return {"as_of": as_of, "since": as_of - timedelta(days=config.interest_window_days), "top": config.top_interests}
+
+
+def interests_from_json(text: str | None) -> list[dict[str, Any]]:
+    """A customer's interests from ``[[target, engagements, position], ...]`` (JSON text, in any order), as
+    ``load_interests`` gives them."""
+    if not text:
+        return []
+    return [
+        {"target": target, "engagements": int(engagements)}
+        for target, engagements, _position in sorted(json.loads(text), key=lambda entry: entry[2])
+    ]
+
+
+def edges_from_json(texts: Iterable[str | None]) -> tuple[IntArray, IntArray]:
+    """``load_referral_edges``' arrays from rows each holding some edges as ``[[referrer, referee], ...]`` (JSON
+    text); an edge several rows hold counts once."""
+    edges = sorted({(int(referrer), int(referee)) for text in texts if text for referrer, referee in json.loads(text)})
+    table = np.array(edges, dtype=np.int64).reshape(-1, 2)
+    return table[:, 0], table[:, 1]
+
+
 @functools.cache
 def _interests_statement(filtered: bool) -> Any:
-    sql = _INTERESTS_SQL.format(filter="AND customer_id IN :ids" if filtered else "")
-    return _expanding(_bind_times(text(sql)), filtered)
+    return _expanding(_bind_times(text(interests_sql(filtered))), filtered)
 
 
 async def load_interests(
@@ -565,7 +599,7 @@ async def load_interests(
     """The most engaged targets of each customer in the interest window."""
     interests: dict[int, list[dict[str, Any]]] = {}
     async for partition in _interest_rows(session, as_of, config, customer_ids):
-        for customer_id, target, engagements in partition:
+        for customer_id, target, engagements, _position in partition:
             interests.setdefault(int(customer_id), []).append({"target": target, "engagements": int(engagements)})
     return interests
 
@@ -578,7 +612,7 @@ async def load_interest_texts(session: AsyncSession, as_of: datetime, config: Sc
     # '{"target": "...", "engagements": ' for each target, escaped as json.dumps escapes a string.
     openings: dict[str, str] = {}
     async for partition in _interest_rows(session, as_of, config, None):
-        for customer_id, target, engagements in partition:
+        for customer_id, target, engagements, _position in partition:
             opening = openings.get(target)
             if opening is None:
                 opening = openings[target] = f'{{"target": {encode_basestring_ascii(target)}, "engagements": '
@@ -592,11 +626,7 @@ async def _interest_rows(
     """(customer, target, engagements) of the top interests, in customer order and each customer's best first."""
     if config.top_interests == 0:
         return
-    params: dict[str, Any] = {
-        "as_of": as_of,
-        "since": as_of - timedelta(days=config.interest_window_days),
-        "top": config.top_interests,
-    }
+    params = interest_parameters(as_of, config)
     if customer_ids is not None:
         params["ids"] = list(customer_ids)
     statement = _interests_statement(filtered=customer_ids is not None)
