@@ -71,6 +71,21 @@ async def edge_cases(client: Any, storefront: dict[str, str]) -> None:
         assert response.status_code == 201, response.text
 
 
+async def post_odd_targets(client: Any, storefront: dict[str, str], targets: list[str]) -> None:
+    """Views by ``edge-odd`` of targets that JSON escapes, a day apart (the later one counts as more recent)."""
+    events = [
+        {
+            "event_id": f"odd-{index}",
+            "customer_id": "edge-odd",
+            "type": "product_view",
+            "target": target,
+            "occurred_at": f"2026-03-{10 + index}T10:00:00Z",
+        }
+        for index, target in enumerate(targets)
+    ]
+    assert (await client.post("/v1/events", json={"events": events}, headers=storefront)).status_code == 202
+
+
 async def both_ways(session_maker: Any, as_of: datetime) -> tuple[Figures, Figures]:
     config = ScoringConfig()
     async with read_only(session_maker)() as session:
@@ -115,17 +130,7 @@ async def test_the_full_runs_interest_texts_are_the_interests_as_json(
     of ``load_interests``, with targets that JSON escapes."""
     now = datetime(2026, 4, 1, tzinfo=UTC)
     await load_demo(engine, customers=300, seed=5, now=now)
-    events = [
-        {
-            "event_id": f"odd-{index}",
-            "customer_id": "edge-odd",
-            "type": "product_view",
-            "target": target,
-            "occurred_at": "2026-03-20T10:00:00Z",
-        }
-        for index, target in enumerate(['category:"quoted"', "category:é ✓", "category:back\\slash"])
-    ]
-    assert (await client.post("/v1/events", json={"events": events}, headers=storefront)).status_code == 202
+    await post_odd_targets(client, storefront, ['category:"quoted"', "category:é ✓", "category:back\\slash"])
     config = ScoringConfig()
     async with read_only(session_maker)() as session:
         interests = await load_interests(session, now, config)
@@ -162,17 +167,9 @@ async def test_the_rescore_reads_each_customers_interests_and_edges_as_the_set_b
     referrer read with its referees (their edges arrive on several rows and count once), and for many."""
     now = datetime(2026, 4, 1, tzinfo=UTC)
     await load_demo(engine, customers=600, seed=9, now=now)
-    events = [
-        {
-            "event_id": f"odd-{index}",
-            "customer_id": "edge-odd",
-            "type": "product_view",
-            "target": target,
-            "occurred_at": f"2026-03-2{index}T10:00:00Z",
-        }
-        for index, target in enumerate(['category:"quoted"', "category:é ✓", "category:back\\slash", "category:é ✓"])
-    ]
-    assert (await client.post("/v1/events", json={"events": events}, headers=storefront)).status_code == 202
+    await post_odd_targets(
+        client, storefront, ['category:"quoted"', "category:é ✓", "category:back\\slash", "category:é ✓"]
+    )
     for referrer, referee in (("edge-p", "edge-q"), ("edge-q", "edge-r"), ("edge-p", "edge-s"), ("edge-r", "edge-t")):
         body = {"referrer_id": referrer, "referee_id": referee, "occurred_at": "2026-02-01T00:00:00Z"}
         assert (await client.post("/v1/referrals", json=body, headers=storefront)).status_code == 201
