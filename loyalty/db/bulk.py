@@ -50,7 +50,7 @@ def storage_form(
     return arrays
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)  # bounded: every engine has a dialect of its own, and the key keeps it alive
 def _bind_processors(dialect: Dialect, table: Table, columns: tuple[str, ...]) -> list[Any]:
     """The columns' bind processors, looked up once per process: the real-time re-score converts a row of some
     thirty columns on every order, and asking each type for its processor cost more than the conversions."""

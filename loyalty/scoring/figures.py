@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from json.encoder import encode_basestring_ascii
@@ -481,13 +481,12 @@ async def _load_all_figures_by_copy(session: AsyncSession, as_of: datetime, conf
 
 
 @functools.cache
-def referral_edges_sql(filtered: bool) -> str:
-    """(referrer_id, referee_id) as of ``:as_of``; with ``:ids``, the edges of those referrers and of their referees
-    (two levels below each)."""
-    # One IN over a union, not "referrer IN ids OR referrer IN (subquery)": PostgreSQL can answer that OR only by
-    # scanning every referral, on every real-time re-score; this reads the referrer index. The ids are customers'
-    # (the foreign key makes every referrer one), so taking them from the customer table keeps the same edges.
-    return _REFERRALS_SQL.format(
+def _referral_edges_statement(filtered: bool) -> Any:
+    # With ids: the edges of the given referrers and of their referees (two levels below each). One IN over a
+    # union, not "referrer IN ids OR referrer IN (subquery)": PostgreSQL can answer that OR only by scanning every
+    # referral, on every real-time re-score; this reads the referrer index. The ids are customers' (the foreign key
+    # makes every referrer one), so taking them from the customer table keeps the same edges.
+    sql = _REFERRALS_SQL.format(
         filter=(
             "AND referrer_id IN (SELECT id FROM customer WHERE id IN :ids "
             "UNION SELECT referee_id FROM referral WHERE referrer_id IN :ids)"
@@ -495,11 +494,7 @@ def referral_edges_sql(filtered: bool) -> str:
             else ""
         )
     )
-
-
-@functools.cache
-def _referral_edges_statement(filtered: bool) -> Any:
-    return _expanding(text(referral_edges_sql(filtered)).bindparams(bindparam("as_of", type_=DateTimeUTC())), filtered)
+    return _expanding(text(sql).bindparams(bindparam("as_of", type_=DateTimeUTC())), filtered)
 
 
 async def load_referral_edges(
@@ -578,14 +573,6 @@ def interests_from_json(text: str | None) -> list[dict[str, Any]]:
         {"target": target, "engagements": int(engagements)}
         for target, engagements, _position in sorted(json.loads(text), key=lambda entry: entry[2])
     ]
-
-
-def edges_from_json(texts: Iterable[str | None]) -> tuple[IntArray, IntArray]:
-    """``load_referral_edges``' arrays from rows each holding some edges as ``[[referrer, referee], ...]`` (JSON
-    text); an edge several rows hold counts once."""
-    edges = sorted({(int(referrer), int(referee)) for text in texts if text for referrer, referee in json.loads(text)})
-    table = np.array(edges, dtype=np.int64).reshape(-1, 2)
-    return table[:, 0], table[:, 1]
 
 
 @functools.cache
