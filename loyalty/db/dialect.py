@@ -84,7 +84,7 @@ async def plan_for_these_parameters(session: AsyncSession) -> None:
         await session.execute(text("SET LOCAL plan_cache_mode = force_custom_plan"))
 
 
-def random_code_sql(session: AsyncSession | str) -> str:
+def random_code_sql(session: AsyncSession) -> str:
     """SQL for a fresh 64-bit random code in upper-case hex, drawn from the database's strong random source.
 
     PostgreSQL's gen_random_uuid() and SQLite's randomblob() both use a cryptographic generator, so codes issued
