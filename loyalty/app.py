@@ -17,6 +17,7 @@ from litestar.stores.memory import MemoryStore
 
 from loyalty import __version__
 from loyalty.activity.controllers import EventController, OrderController, ReferralController
+from loyalty.activity.order_groups import OrderGroups
 from loyalty.customers.controllers import CustomerController, MeController, ReportController
 from loyalty.dashboard.controllers import DashboardController, static_router, template_config
 from loyalty.db.dependencies import provide_session
@@ -123,6 +124,7 @@ def create_app(settings: Settings | None = None) -> Litestar:
             yield
         finally:
             await timer.stop()
+            await app.state.order_groups.close()
             metrics.POOLS.forget(engine)
             await engine.dispose()
 
@@ -173,5 +175,6 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app.state.session_maker = session_maker
     app.state.read_session_maker = read_only(session_maker)
     app.state.model_cache = model_cache
+    app.state.order_groups = OrderGroups(session_maker, tiers, model_cache)
     app.state.rate_limiter = limiter
     return app

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from litestar import Litestar
 from litestar.testing import AsyncTestClient
@@ -155,6 +156,24 @@ async def app(settings: Settings, engine: AsyncEngine) -> Litestar:
 async def client(app: Litestar) -> AsyncIterator[AsyncTestClient[Litestar]]:
     async with AsyncTestClient(app=app) as test_client:
         yield test_client
+
+
+@pytest.fixture
+async def concurrent_client(app: Litestar) -> AsyncIterator[httpx.AsyncClient]:
+    """A client whose requests run concurrently, in the test's own event loop.
+
+    ``AsyncTestClient`` hands each request to the app on a loop of its own and waits for the answer, so requests
+    gathered on it still reach the app one at a time. Through ASGI on this loop they overlap as on a real server.
+    """
+    transport = httpx.ASGITransport(app=app)
+    # Not the app's lifespan (its task group must close in the task that opened it, which a fixture's teardown is
+    # not), but what its shutdown does with the scheduler off.
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+            yield client
+    finally:
+        await app.state.order_groups.close()
+        await app.state.engine.dispose()
 
 
 @dataclass(frozen=True)

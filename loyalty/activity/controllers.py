@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.access import guards
 from loyalty.activity import schemas, services
+from loyalty.activity.order_groups import OrderGroups
 from loyalty.lib.errors import (
     CONFLICT,
     NOT_FOUND,
@@ -30,13 +31,8 @@ from loyalty.recalc import incremental
 async def _tiers_after(
     request: Request[Any, Any, Any], session: AsyncSession, written: services.Written[Any]
 ) -> dict[int, str]:
-    """A new write re-scores its customers in this request; a replay changed nothing and reads their tiers."""
-    if not written.created:
-        return await incremental.current_tiers(session, written.customer_ids)
     state = request.app.state
-    return await incremental.rescore_after_write(
-        session, written.customer_ids, state.tiers, state.model_cache, locked=written.locked
-    )
+    return await services.tiers_after(session, written, state.tiers, state.model_cache)
 
 
 def _status(written: services.Written[Any]) -> int:
@@ -58,16 +54,13 @@ class OrderController(Controller):
         },
     )
     async def create_order(
-        self,
-        request: Request[Any, Any, Any],
-        session: NamedDependency[AsyncSession],
-        data: JSONBody[schemas.OrderCreate],
+        self, request: Request[Any, Any, Any], data: JSONBody[schemas.OrderCreate]
     ) -> Response[schemas.Order]:
         """Record an order (idempotent by order_id) and answer with the customer's tier after it."""
-        written = await services.create_order(session, data)
-        tiers = await _tiers_after(request, session, written)
-        order = written.resource.model_copy(update={"tier": tiers.get(written.customer_ids[0], "prospect")})
-        return Response(order, status_code=_status(written))
+        # Written by the app's group commit, in a transaction of its own (not a request session's).
+        order_groups: OrderGroups = request.app.state.order_groups
+        answer = await order_groups.write(data)
+        return Response(answer.order, status_code=HTTP_201_CREATED if answer.created else HTTP_200_OK)
 
     @post("/batch", operation_id="CreateOrderBatch", status_code=HTTP_200_OK)
     async def create_order_batch(

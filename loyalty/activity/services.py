@@ -7,6 +7,7 @@ import hashlib
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
@@ -36,6 +37,7 @@ from loyalty.lib.errors import (
 )
 from loyalty.lib.schemas import Schema
 from loyalty.recalc import incremental
+from loyalty.tiers.config import TiersConfig
 
 # Referral checks read the whole chain above a customer; one lock for all referral writes keeps two
 # concurrent referrals from closing a cycle that neither could see alone. Referrals are rare, so it is cheap.
@@ -65,6 +67,10 @@ def _conflict(kind_name: str, external_id: str) -> ProblemError:
 
 
 # ---------------------------------------------------------------- orders
+
+
+def order_conflict(order_id: str) -> ProblemError:
+    return _conflict("Order", order_id)
 
 
 async def _order_view(session: AsyncSession, order: Order, external_customer_id: str) -> schemas.Order:
@@ -166,10 +172,9 @@ async def create_order(session: AsyncSession, data: schemas.OrderCreate) -> Writ
     else:
         order_id = await connection.scalar(_insert_new_order(connection.dialect.name), order)
     if order_id is None:
-        existing = await session.scalar(select(Order).where(Order.external_id == data.order_id))
-        assert existing is not None  # the conflicting row is committed: ON CONFLICT waited for it
+        existing = await _stored_order(session, data.order_id)
         if existing.content_hash != content_hash:
-            raise _conflict("Order", data.order_id)
+            raise order_conflict(data.order_id)
         return Written(
             await _order_view(session, existing, data.customer_id), created=False, customer_ids=(customer_id,)
         )
@@ -189,14 +194,40 @@ async def create_order(session: AsyncSession, data: schemas.OrderCreate) -> Writ
                 for line_no, item in enumerate(data.items)
             ],
         )
-    view = schemas.Order(
+    return Written(new_order_view(data, now), created=True, customer_ids=(customer_id,), locked=locked)
+
+
+def new_order_view(data: schemas.OrderCreate, created_at: datetime) -> schemas.Order:
+    """A just-created order as the API answers it: what was sent, nothing refunded yet."""
+    return schemas.Order(
         **data.model_dump(exclude={"placed_at", "items"}),
         placed_at=data.placed_at,
         items=data.items,
         refunded=Decimal(0),
-        created_at=now,
+        created_at=created_at,
     )
-    return Written(view, created=True, customer_ids=(customer_id,), locked=locked)
+
+
+async def stored_order_view(session: AsyncSession, data: schemas.OrderCreate) -> tuple[schemas.Order, int]:
+    """The stored order a replay of ``data`` answers with, and its customer's internal id."""
+    existing = await _stored_order(session, data.order_id)
+    return await _order_view(session, existing, data.customer_id), existing.customer_id
+
+
+async def _stored_order(session: AsyncSession, order_id: str) -> Order:
+    existing = await session.scalar(select(Order).where(Order.external_id == order_id))
+    # Only asked for an order id found stored (an insert's ON CONFLICT waited for its commit); none is deleted.
+    assert existing is not None
+    return existing
+
+
+async def tiers_after(
+    session: AsyncSession, written: Written[Any], tiers: TiersConfig, cache: incremental.ModelCache
+) -> dict[int, str]:
+    """A new write re-scores its customers in its transaction; a replay changed nothing and reads their tiers."""
+    if not written.created:
+        return await incremental.current_tiers(session, written.customer_ids)
+    return await incremental.rescore_after_write(session, written.customer_ids, tiers, cache, locked=written.locked)
 
 
 async def create_orders_batch(
@@ -204,13 +235,11 @@ async def create_orders_batch(
 ) -> tuple[schemas.OrderBatchResult, set[int]]:
     """Validate every order, then write the valid ones together; one bad order never rejects the others.
 
-    The outcome of each order is what posting them one by one, in order, would give: the first occurrence of a new
-    order id is created (201); a later one in the batch, or an id already stored, is a replay (200) when its
-    content is the same and a conflict (409) otherwise. Returns the result and the customers with new orders, to
-    be re-scored once for the whole batch.
+    Each order's outcome is ``write_orders``'. Returns the result and the customers with new orders, to be
+    re-scored once for the whole batch.
     """
     results: list[schemas.BatchItemResult | None] = [None] * len(raw_orders)
-    valid: list[tuple[int, schemas.OrderCreate, str]] = []
+    valid: list[tuple[int, schemas.OrderCreate]] = []
     for index, raw in enumerate(raw_orders):
         try:
             data = schemas.OrderCreate.model_validate(raw)
@@ -220,33 +249,56 @@ async def create_orders_batch(
             label = order_id if isinstance(order_id, str) else None
             results[index] = schemas.BatchItemResult(order_id=label, status=problem.status, problem=problem.to_dict())
             continue
-        valid.append((index, data, schemas.order_content_hash(data)))
-    firsts: dict[str, tuple[int, schemas.OrderCreate, str]] = {}
-    for entry in valid:
-        firsts.setdefault(entry[1].order_id, entry)
+        valid.append((index, data))
     # Batches are how a shop loads its history, often into a young database: see plan_for_these_parameters.
     await plan_for_these_parameters(session)
-    written = await _write_new_orders(session, list(firsts.values()))
-    affected: set[int] = set()
-    created = replayed = 0
-    for index, data, content_hash in valid:
-        order_id = data.order_id
-        if order_id in written.inserted and firsts[order_id][0] == index:
-            results[index] = schemas.BatchItemResult(order_id=order_id, status=201)
-            affected.add(written.inserted[order_id])
-            created += 1
-        elif written.stored_hashes[order_id] == content_hash:
-            results[index] = schemas.BatchItemResult(order_id=order_id, status=200)
-            replayed += 1
+    written = await write_orders(session, [data for _index, data in valid])
+    for (index, data), status in zip(valid, written.statuses, strict=True):
+        if status == CONFLICT.status:
+            problem = order_conflict(data.order_id)
+            results[index] = schemas.BatchItemResult(order_id=data.order_id, status=status, problem=problem.to_dict())
         else:
-            problem = _conflict("Order", order_id)
-            results[index] = schemas.BatchItemResult(
-                order_id=order_id, status=problem.status, problem=problem.to_dict()
-            )
+            results[index] = schemas.BatchItemResult(order_id=data.order_id, status=status)
     final = [result for result in results if result is not None]
     assert len(final) == len(raw_orders)  # every order has exactly one outcome
+    created, replayed = written.statuses.count(201), written.statuses.count(200)
     failed = len(final) - created - replayed
-    return schemas.OrderBatchResult(results=final, created=created, replayed=replayed, failed=failed), affected
+    result = schemas.OrderBatchResult(results=final, created=created, replayed=replayed, failed=failed)
+    return result, set(written.customers.values())
+
+
+@dataclass(frozen=True)
+class OrdersWritten:
+    """What ``write_orders`` did with each order it was given."""
+
+    # Per order, in the order given: 201 created, 200 a replay of what is stored, 409 a conflict with it.
+    statuses: list[int]
+    # The customer (internal id) of each order created, by order id.
+    customers: dict[str, int]
+    # When the created orders were stored (their ``created_at``).
+    created_at: datetime
+
+
+async def write_orders(session: AsyncSession, orders: Sequence[schemas.OrderCreate]) -> OrdersWritten:
+    """Store valid orders together, each with the outcome posting them one by one, in order, would give.
+
+    The first occurrence of a new order id is created (201); a later one in the list, or an id already stored, is
+    a replay (200) when its content is the same and a conflict (409) otherwise. Nothing is re-scored here.
+    """
+    hashes = [schemas.order_content_hash(data) for data in orders]
+    firsts: dict[str, int] = {}
+    for index, data in enumerate(orders):
+        firsts.setdefault(data.order_id, index)
+    written = await _write_new_orders(session, [(index, orders[index], hashes[index]) for index in firsts.values()])
+    statuses: list[int] = []
+    for index, (data, content_hash) in enumerate(zip(orders, hashes, strict=True)):
+        if data.order_id in written.inserted and firsts[data.order_id] == index:
+            statuses.append(201)
+        elif written.stored_hashes[data.order_id] == content_hash:
+            statuses.append(200)
+        else:
+            statuses.append(CONFLICT.status)
+    return OrdersWritten(statuses, written.inserted, written.created_at)
 
 
 @dataclass(frozen=True)
@@ -255,6 +307,7 @@ class _BatchWrite:
     inserted: dict[str, int]
     # Content hash stored for every order id of the batch, inserted now or before.
     stored_hashes: dict[str, str]
+    created_at: datetime
 
 
 ORDER_COLUMNS = (
@@ -275,8 +328,9 @@ async def _write_new_orders(
     session: AsyncSession, candidates: list[tuple[int, schemas.OrderCreate, str]]
 ) -> _BatchWrite:
     """Insert the orders not stored yet (one candidate per id) and their items, in a handful of statements."""
+    now = utcnow()
     if not candidates:
-        return _BatchWrite({}, {})
+        return _BatchWrite({}, {}, now)
     wanted = [data.order_id for _index, data, _hash in candidates]
     # Read first, so replays and conflicts of stored orders create no customer, as a single 409 creates none.
     stored_hashes: dict[str, str] = dict(
@@ -290,9 +344,8 @@ async def _write_new_orders(
         (entry for entry in candidates if entry[1].order_id not in stored_hashes), key=lambda entry: entry[1].order_id
     )
     if not new:
-        return _BatchWrite({}, stored_hashes)
+        return _BatchWrite({}, stored_hashes, now)
     customers = await ensure_customers(session, (data.customer_id for _index, data, _hash in new))
-    now = utcnow()
     connection = await session.connection()
     inserted_ids: dict[str, int] = dict(
         await insert_new_rows(
@@ -347,7 +400,7 @@ async def _write_new_orders(
             for line_no, item in enumerate(data.items)
         ],
     )
-    return _BatchWrite(inserted, stored_hashes)
+    return _BatchWrite(inserted, stored_hashes, now)
 
 
 # ---------------------------------------------------------------- refunds

@@ -127,8 +127,17 @@ async def insert_new_rows(
 async def insert_rows(
     connection: AsyncConnection, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]
 ) -> None:
-    """Plain inserts of rows that cannot conflict (children of rows inserted just now): COPY on PostgreSQL."""
+    """Plain inserts of rows that cannot conflict (children of rows inserted just now): on PostgreSQL, COPY for
+    many rows and one ``unnest`` insert for a few (the driver's COPY first asks for the table's column types, a
+    round trip of its own that a handful of rows, such as a few orders' items, do not repay)."""
     if not rows:
         return
-    arrays = storage_form(connection.dialect, table, columns, rows)
+    dialect = connection.dialect
+    arrays = storage_form(dialect, table, columns, rows)
+    if dialect.name == "postgresql" and len(rows) <= _FEW_ROWS:
+        await connection.exec_driver_sql(unnest_insert_sql(dialect, table, columns), tuple(arrays))
+        return
     await write_rows(connection, table.name, columns, list(zip(*arrays, strict=True)))
+
+
+_FEW_ROWS = 200

@@ -223,6 +223,14 @@ def _retryable(error: DBAPIError) -> bool:
     return state in _RETRYABLE_SQLSTATES or state in _UNAVAILABLE_SQLSTATES or (state or "").startswith("08")
 
 
+def database_unavailable(exc: BaseException) -> bool:
+    """The database could not serve this now but may shortly (the 503 ``unavailable``): out of reach, restarting,
+    no connection free, or a transaction that lost a deadlock or serialization race."""
+    return isinstance(exc, PoolTimeoutError | OperationalError | OSError | ConnectionError) or (
+        isinstance(exc, DBAPIError) and (exc.connection_invalidated or _retryable(exc))
+    )
+
+
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """The single exception handler: every error leaves as problem+json, never with a stack trace."""
     if isinstance(exc, ProblemError):
@@ -238,9 +246,7 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
         detail = exc.detail if exc.detail and exc.detail != kind.title else kind.description
         headers = dict(exc.headers or {})
         return problem_response(ProblemError(kind, detail, status=exc.status_code, headers=headers), request)
-    if isinstance(exc, PoolTimeoutError | OperationalError | OSError | ConnectionError) or (
-        isinstance(exc, DBAPIError) and (exc.connection_invalidated or _retryable(exc))
-    ):
+    if database_unavailable(exc):
         logger.warning("database unavailable: %s", type(exc).__name__)
         return problem_response(
             ProblemError(UNAVAILABLE, UNAVAILABLE.description, headers={"Retry-After": "2"}), request

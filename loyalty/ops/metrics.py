@@ -94,6 +94,12 @@ RESCORE_DURATION = Histogram(
     "loyalty_rescore_duration_seconds", "Time of one real-time re-score, inside its request.", buckets=RESCORE_BUCKETS
 )
 
+ORDER_GROUPS = Histogram(
+    "loyalty_order_group_orders",
+    "Single orders (POST /v1/orders) written together in one transaction (group commit).",
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
+
 
 # Named, described and labelled as litestar's PrometheusMiddleware (prefix `loyalty`) named them before the request
 # middleware took them over, so dashboards and alerts keep working.
@@ -205,6 +211,11 @@ def record_rescore(customers: int, seconds: float) -> None:
     RESCORE_CALLS.inc()
     RESCORE_CUSTOMERS.inc(customers)
     RESCORE_DURATION.observe(seconds)
+
+
+@never_raises
+def record_order_group(orders: int) -> None:
+    ORDER_GROUPS.observe(orders)
 
 
 class PoolCollector(Collector):

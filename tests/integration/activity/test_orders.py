@@ -165,8 +165,10 @@ async def test_batch_above_limit_is_refused(client, storefront, session_maker) -
     assert await count(session_maker, Order) == 0
 
 
-async def test_fifty_concurrent_posts_of_one_order_create_one(client, storefront, session_maker) -> None:
-    responses = await asyncio.gather(*(client.post("/v1/orders", json=order(), headers=storefront) for _ in range(50)))
+async def test_fifty_concurrent_posts_of_one_order_create_one(concurrent_client, storefront, session_maker) -> None:
+    responses = await asyncio.gather(
+        *(concurrent_client.post("/v1/orders", json=order(), headers=storefront) for _ in range(50))
+    )
     statuses = sorted(r.status_code for r in responses)
     assert statuses.count(201) == 1, statuses
     assert statuses.count(200) == 49, statuses
@@ -175,9 +177,9 @@ async def test_fifty_concurrent_posts_of_one_order_create_one(client, storefront
     assert await count(session_maker, Customer) == 1
 
 
-async def test_fifty_concurrent_orders_for_one_customer_all_land(client, storefront, session_maker) -> None:
+async def test_fifty_concurrent_orders_for_one_customer_all_land(concurrent_client, storefront, session_maker) -> None:
     responses = await asyncio.gather(
-        *(client.post("/v1/orders", json=order(f"o-{i}", "c-shared"), headers=storefront) for i in range(50))
+        *(concurrent_client.post("/v1/orders", json=order(f"o-{i}", "c-shared"), headers=storefront) for i in range(50))
     )
     assert [r.status_code for r in responses] == [201] * 50, [r.text for r in responses if r.status_code != 201]
     assert await count(session_maker, Order) == 50
