@@ -14,11 +14,13 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from loyalty.activity import schemas
-from loyalty.activity.order_groups import OrderGroups
+from loyalty.activity.order_groups import OrderAnswer, OrderGroups
 from loyalty.db.models import Customer, CustomerTier, Order, OrderItem, TierHistory
+from loyalty.lib.errors import ProblemError
 from tests.integration.activity.test_orders import order
 
 
@@ -73,11 +75,13 @@ async def test_concurrent_orders_share_transactions_and_get_their_own_answers(
     assert groups < orders, "no two orders were written together"
     statuses = [response.status_code for response in responses]
     assert statuses[:30] == [201] * 30, [response.text for response in responses[:30] if response.status_code != 201]
-    assert statuses[30:32] == [201, 200]  # the same order twice: the first creates it, the second replays it
-    assert statuses[32:34] == [201, 409]  # two contents for one id: the first to arrive wins
+    # Which of two requests reaches the writer first is not the order they were sent in (each first awaits its key
+    # check): the arrival order itself is held by the tests that queue orders directly, below.
+    assert sorted(statuses[30:32]) == [200, 201]  # the same order twice: one creates it, the other replays it
+    assert sorted(statuses[32:34]) == [201, 409]  # two contents for one id: one wins, the other conflicts
     assert statuses[34:] == [200, 409]  # against the order stored before
     assert responses[34].json() == replayed.json()
-    clash = responses[33]
+    clash, winner = (responses[33], responses[32]) if statuses[33] == 409 else (responses[32], responses[33])
     assert clash.headers["content-type"].startswith("application/problem+json")
     assert "o-clash" in clash.json()["detail"]
     for n, response in enumerate(responses[:30]):
@@ -86,14 +90,17 @@ async def test_concurrent_orders_share_transactions_and_get_their_own_answers(
         # Each of these customers has this one order: the tier answered is the tier stored after it.
         badge = await client.get(f"/v1/customers/c-{n}/tier", headers=storefront)
         assert body["tier"] == badge.json()["tier"]
+    async with session_maker() as session:
+        customers = set((await session.scalars(select(Customer.external_id))).all())
+    # No customer is left for a conflict: only the winner of o-clash has its customer.
+    assert customers == {f"c-{n}" for n in range(30)} | {"c-twice", "c-stored", winner.json()["customer_id"]}
     assert await stored(session_maker, Order) == 33
     assert await stored(session_maker, OrderItem) == 3  # the 30 were sent without lines
-    assert await stored(session_maker, Customer) == 33
     assert await stored(session_maker, CustomerTier) == 33  # every customer with a new order was re-scored
 
 
 async def test_a_customers_concurrent_orders_answer_the_tiers_of_posting_them_in_turn(
-    concurrent_client, storefront, session_maker
+    app, concurrent_client, storefront, session_maker
 ) -> None:
     # Orders that move a customer up more than once, posted in turn for one customer and all at once for another,
     # among others' orders so that groups form: the tiers answered and the history kept must be the same.
@@ -106,35 +113,41 @@ async def test_a_customers_concurrent_orders_answer_the_tiers_of_posting_them_in
         )
         for number, (at, total) in enumerate(placed)
     ]
-    expected = await tiers_and_history(session_maker, "c-in-turn", in_turn)
+    expected = ([response.json()["tier"] for response in in_turn], await tier_history(session_maker, "c-in-turn"))
     sizes = GroupSizes()
     bodies = [order(f"o-other-{n}", f"c-other-{n}", items=[]) for n in range(12)]
     for number, (at, total) in enumerate(placed):
         bodies.insert(4 * number + 1, order(f"o-burst-{number}", "c-burst", placed_at=at, total=total, items=[]))
-    responses = await post_all(concurrent_client, storefront, bodies)
+    outcomes = await queue_all(app, bodies)
 
     groups, orders = sizes.since()
     assert groups < orders, "no two orders were written together"
-    assert [response.status_code for response in responses] == [201] * len(bodies)
-    burst = [response for response in responses if response.json()["customer_id"] == "c-burst"]
-    assert await tiers_and_history(session_maker, "c-burst", burst) == expected
+    assert all(isinstance(outcome, OrderAnswer) and outcome.created for outcome in outcomes), outcomes
+    burst = [outcome.order.tier for outcome in outcomes if outcome.order.customer_id == "c-burst"]
+    assert (burst, await tier_history(session_maker, "c-burst")) == expected
     assert len(expected[1]) > 1, "the orders should move the customer more than once"
 
 
-async def tiers_and_history(
-    session_maker: async_sessionmaker[AsyncSession], customer_id: str, responses: list[Any]
-) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """The tiers a customer's orders answered, in order, and the customer's tier history (from, to)."""
+async def queue_all(app: Any, bodies: list[dict[str, Any]]) -> list[OrderAnswer | BaseException]:
+    """Hand the orders to the app's writer directly, queued in this order (over HTTP each request first awaits its
+    key check, so the order they reach the writer in is not the order they were sent in); a conflict or a failure
+    is its exception. Queued together, they are written in as few groups as the rules allow."""
+    writes = [
+        asyncio.create_task(app.state.order_groups.write(schemas.OrderCreate.model_validate(body))) for body in bodies
+    ]
+    return list(await asyncio.gather(*writes, return_exceptions=True))
+
+
+async def tier_history(session_maker: async_sessionmaker[AsyncSession], customer_id: str) -> list[tuple[Any, ...]]:
+    """The customer's tier history, (from, to), oldest first."""
     async with session_maker() as session:
         internal = await session.scalar(select(Customer.id).where(Customer.external_id == customer_id))
-        history = (
-            await session.execute(
-                select(TierHistory.from_tier, TierHistory.to_tier)
-                .where(TierHistory.customer_id == internal)
-                .order_by(TierHistory.id)
-            )
-        ).all()
-    return [response.json()["tier"] for response in responses], [tuple(row) for row in history]
+        history = await session.execute(
+            select(TierHistory.from_tier, TierHistory.to_tier)
+            .where(TierHistory.customer_id == internal)
+            .order_by(TierHistory.id)
+        )
+        return [tuple(row) for row in history]
 
 
 @pytest.fixture
@@ -168,29 +181,36 @@ async def poisoned_orders(engine: AsyncEngine) -> AsyncIterator[str]:
 
 
 async def test_an_order_the_database_refuses_fails_only_its_own_request(
-    concurrent_client, storefront, session_maker, poisoned_orders, caplog
+    app, concurrent_client, session_maker, poisoned_orders, caplog
 ) -> None:
-    client = concurrent_client
     bodies = [order(f"o-{n}", f"c-{n}") for n in range(12)]
     bodies.insert(6, order(poisoned_orders, "c-poisoned"))
     # One id with two contents (for two customers, so both can share a group): written again one by one, the first
     # to arrive must still be the one created.
     bodies += [order("o-twice", "c-first"), order("o-twice", "c-second")]
     with caplog.at_level(logging.WARNING, logger="loyalty.orders"):
-        responses = await post_all(client, storefront, bodies)
+        outcomes = await queue_all(app, bodies)
 
     assert any("writing each alone" in record.getMessage() for record in caplog.records), "no group failed"
-    refused = responses.pop(6)
-    assert refused.status_code == 500
-    assert refused.headers["content-type"].startswith("application/problem+json")
-    statuses = [response.status_code for response in responses]
-    assert statuses == [201] * 12 + [201, 409], [response.text for response in responses]
+    refused = outcomes.pop(6)
+    assert isinstance(refused, DBAPIError), refused
+    assert all(isinstance(outcome, OrderAnswer) and outcome.created for outcome in outcomes[:13]), outcomes
+    assert isinstance(outcomes[13], ProblemError)
+    assert outcomes[13].status == 409
     async with session_maker() as session:
         ids = set((await session.scalars(select(Order.external_id))).all())
         customers = set((await session.scalars(select(Customer.external_id))).all())
     assert ids == {f"o-{n}" for n in range(12)} | {"o-twice"}
     assert await stored(session_maker, OrderItem) == 13
     assert customers == {f"c-{n}" for n in range(12)} | {"c-first"}  # none for the refused or the conflict
+
+
+async def test_a_refused_order_is_a_problem_document_over_http(concurrent_client, storefront, poisoned_orders) -> None:
+    responses = await post_all(
+        concurrent_client, storefront, [order(f"o-{n}", f"c-{n}") for n in range(4)] + [order(poisoned_orders, "c-p")]
+    )
+    assert [response.status_code for response in responses] == [201] * 4 + [500]
+    assert responses[4].headers["content-type"].startswith("application/problem+json")
 
 
 async def test_a_cancelled_request_does_not_cancel_its_write(app, engine, session_maker) -> None:
