@@ -35,8 +35,8 @@ async def _tiers_after(
     return await services.tiers_after(session, written, state.tiers, state.model_cache)
 
 
-def _status(written: services.Written[Any]) -> int:
-    return HTTP_201_CREATED if written.created else HTTP_200_OK
+def _status(created: bool) -> int:
+    return HTTP_201_CREATED if created else HTTP_200_OK
 
 
 class OrderController(Controller):
@@ -60,7 +60,7 @@ class OrderController(Controller):
         # Written by the app's group commit, in a transaction of its own (not a request session's).
         order_groups: OrderGroups = request.app.state.order_groups
         answer = await order_groups.write(data)
-        return Response(answer.order, status_code=HTTP_201_CREATED if answer.created else HTTP_200_OK)
+        return Response(answer.order, status_code=_status(answer.created))
 
     @post("/batch", operation_id="CreateOrderBatch", status_code=HTTP_200_OK)
     async def create_order_batch(
@@ -94,7 +94,7 @@ class OrderController(Controller):
         """Record a refund of an order (idempotent by refund_id)."""
         written = await services.create_refund(session, order_id, data)
         await _tiers_after(request, session, written)
-        return Response(written.resource, status_code=_status(written))
+        return Response(written.resource, status_code=_status(written.created))
 
 
 class EventController(Controller):
@@ -133,4 +133,4 @@ class ReferralController(Controller):
         """Record that one customer referred another."""
         written = await services.create_referral(session, data)
         await _tiers_after(request, session, written)
-        return Response(written.resource, status_code=_status(written))
+        return Response(written.resource, status_code=_status(written.created))

@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.activity import schemas, services
 from loyalty.db.session import transaction
-from loyalty.lib.errors import UNAVAILABLE, ProblemError, database_unavailable
+from loyalty.lib.errors import database_unavailable, unavailable
 from loyalty.ops import metrics
 from loyalty.recalc import incremental
 from loyalty.tiers.config import TiersConfig
@@ -47,7 +47,6 @@ MAX_GROUP = 64
 # Two writers all the time did worse than one (smaller groups, more CPU per order, on 2 cores).
 MAX_WRITERS = 4
 STALLED_AFTER = 0.2
-_RETRY_AFTER = {"Retry-After": "2"}
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ class OrderGroups:
     async def write(self, data: schemas.OrderCreate) -> OrderAnswer:
         """Store the order (idempotent by order id), re-score its customer and answer once it is committed."""
         if self._closed:  # shutting down: the engine is about to go
-            raise ProblemError(UNAVAILABLE, "The service is shutting down; retry shortly.", headers=_RETRY_AFTER)
+            raise unavailable("The service is shutting down; retry shortly.")
         waiting = _Waiting(data)
         self._queue.append(waiting)
         if self._wants_writer():

@@ -124,6 +124,10 @@ async def insert_new_rows(
     return [tuple(row) for row in result]
 
 
+# Up to this many rows, ``insert_rows`` sends one INSERT rather than a COPY.
+_FEW_ROWS = 200
+
+
 async def insert_rows(
     connection: AsyncConnection, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]
 ) -> None:
@@ -138,6 +142,3 @@ async def insert_rows(
         await connection.exec_driver_sql(unnest_insert_sql(dialect, table, columns), tuple(arrays))
         return
     await write_rows(connection, table.name, columns, list(zip(*arrays, strict=True)))
-
-
-_FEW_ROWS = 200

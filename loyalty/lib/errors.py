@@ -231,6 +231,11 @@ def database_unavailable(exc: BaseException) -> bool:
     )
 
 
+def unavailable(detail: str = UNAVAILABLE.description) -> ProblemError:
+    """The 503 ``unavailable`` problem, with the wait before a retry."""
+    return ProblemError(UNAVAILABLE, detail, headers={"Retry-After": "2"})
+
+
 def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     """The single exception handler: every error leaves as problem+json, never with a stack trace."""
     if isinstance(exc, ProblemError):
@@ -248,9 +253,7 @@ def handle_exception(request: Request[Any, Any, Any], exc: Exception) -> Respons
         return problem_response(ProblemError(kind, detail, status=exc.status_code, headers=headers), request)
     if database_unavailable(exc):
         logger.warning("database unavailable: %s", type(exc).__name__)
-        return problem_response(
-            ProblemError(UNAVAILABLE, UNAVAILABLE.description, headers={"Retry-After": "2"}), request
-        )
+        return problem_response(unavailable(), request)
     logger.exception("unhandled error")
     return problem_response(
         ProblemError(INTERNAL, INTERNAL.description, status=HTTP_500_INTERNAL_SERVER_ERROR), request
