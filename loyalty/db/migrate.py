@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -10,8 +12,9 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from loyalty.db.session import SCHEMA_CHANGE_OPTION
 from loyalty.settings import PROJECT_ROOT
 
 
@@ -45,11 +48,37 @@ def _upgrade(connection: Connection, config: Config, revision: str) -> None:
     command.upgrade(config, revision)
 
 
+@asynccontextmanager
+async def schema_change(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection in a transaction for migrations, committed at the end.
+
+    On SQLite, alembic's batch mode changes a table by copying it, dropping it and renaming the copy. With foreign
+    keys enforced, dropping a table that other rows refer to (an order its refunds, a code its redemptions) deletes
+    it row by row first and fails; deferring the checks does not help, as SQLite counts those deletions as
+    violations still at commit. So the connection runs with foreign keys off, as SQLite's own procedure for
+    changing a table says, checks them all before it commits, and is discarded afterwards, so no connection with
+    foreign keys off ever serves a request.
+    """
+    async with engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            await connection.execution_options(**{SCHEMA_CHANGE_OPTION: True})
+        try:
+            async with connection.begin():
+                yield connection
+                if sqlite:
+                    broken = (await connection.exec_driver_sql("PRAGMA foreign_key_check")).all()
+                    if broken:
+                        raise RuntimeError(f"the migration left rows whose foreign keys point nowhere: {broken[:5]}")
+        finally:
+            if sqlite:
+                await connection.invalidate()
+
+
 async def upgrade_database(engine: AsyncEngine, revision: str = "head") -> None:
     """Apply migrations on the given engine (same history for SQLite and PostgreSQL)."""
-    config = alembic_config()
-    async with engine.begin() as connection:
-        await connection.run_sync(_upgrade, config, revision)
+    async with schema_change(engine) as connection:
+        await connection.run_sync(_upgrade, alembic_config(), revision)
 
 
 def _current(connection: Connection) -> str | None:

@@ -25,6 +25,8 @@ from sqlalchemy.util import await_only, greenlet_spawn
 from loyalty.settings import Settings
 
 READ_ONLY_OPTION = "loyalty_read_only"
+# A migration's connection (``migrate.schema_change``): on SQLite it runs with foreign keys off.
+SCHEMA_CHANGE_OPTION = "loyalty_schema_change"
 
 
 def _configure_sqlite(engine: AsyncEngine, settings: Settings) -> None:
@@ -51,7 +53,11 @@ def _configure_sqlite(engine: AsyncEngine, settings: Settings) -> None:
         # IMMEDIATE takes the write lock up front: a transaction that reads, then writes, can otherwise fail
         # with SQLITE_BUSY when another connection wrote in between, instead of waiting its turn. Read-only
         # sessions begin DEFERRED and read a WAL snapshot, so they never wait for a writer (nor it for them).
-        if connection.get_execution_options().get(READ_ONLY_OPTION):
+        options = connection.get_execution_options()
+        if options.get(SCHEMA_CHANGE_OPTION):
+            # Only outside a transaction does this pragma take effect.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        if options.get(READ_ONLY_OPTION):
             connection.exec_driver_sql("BEGIN")
         else:
             connection.exec_driver_sql("BEGIN IMMEDIATE")

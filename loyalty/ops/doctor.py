@@ -1528,8 +1528,8 @@ async def _check_references(context: _Context) -> CheckResult:
         context,
         "references",
         "every row's customer, order, offer, campaign, send, code and event exists",
-        "Foreign keys hold these, and on the send path the statements that write them (a kept reference); a row "
-        "pointing nowhere was written or deleted around them.",
+        "Foreign keys hold these, and on the order and send paths the statements that write them (a kept "
+        "reference); a row pointing nowhere was written or deleted around them.",
     )
     keys = _foreign_keys()
     for table in dict.fromkeys(table for table, *_rest in keys):

@@ -6,9 +6,9 @@ from datetime import datetime
 from decimal import Decimal
 
 from sqlalchemy import CheckConstraint, ForeignKey, Index, Integer, String, UniqueConstraint
-from sqlalchemy.orm import Mapped, mapped_column, relationship
+from sqlalchemy.orm import Mapped, mapped_column
 
-from loyalty.db.base import Base, BigIntPK, CreatedAtMixin, IdMixin
+from loyalty.db.base import Base, BigIntPK, CreatedAtMixin, IdMixin, kept_reference
 from loyalty.db.types import DateTimeUTC, Money
 
 EVENT_TYPES = ("page_view", "product_view", "ad_click", "email_click", "review", "social_share")
@@ -25,7 +25,10 @@ class Order(IdMixin, CreatedAtMixin, Base):
     )
 
     external_id: Mapped[str] = mapped_column(String(255), unique=True, nullable=False)
-    customer_id: Mapped[int] = mapped_column(BigIntPK, ForeignKey("customer.id"), nullable=False)
+    # Kept by every writer of orders (see kept_reference): the single order, the batch and the import each take it
+    # from the customer they find or create in the same transaction, and customers are never deleted (erasure
+    # anonymises; a batch deletes only customers it created itself and gave no order).
+    customer_id: Mapped[int] = mapped_column(BigIntPK, nullable=False, info=kept_reference("customer.id"))
     placed_at: Mapped[datetime] = mapped_column(DateTimeUTC(), nullable=False)
     total: Mapped[Decimal] = mapped_column(Money(), nullable=False)
     # Kept on the order so that "refunds never exceed the total" is one conditional UPDATE, safe under races.
@@ -35,10 +38,6 @@ class Order(IdMixin, CreatedAtMixin, Base):
     # SHA-256 of the canonical request, to tell a faithful replay (200) from a conflicting one (409).
     content_hash: Mapped[str] = mapped_column(String(64), nullable=False)
 
-    items: Mapped[list[OrderItem]] = relationship(
-        back_populates="order", order_by="OrderItem.line_no", lazy="raise", cascade="all, delete-orphan"
-    )
-
 
 class OrderItem(IdMixin, Base):
     __tablename__ = "order_item"
@@ -47,14 +46,14 @@ class OrderItem(IdMixin, Base):
         CheckConstraint("quantity >= 1", name="quantity_positive"),
     )
 
-    order_id: Mapped[int] = mapped_column(BigIntPK, ForeignKey("customer_order.id", ondelete="CASCADE"), nullable=False)
+    # Kept by the statements that write items (see kept_reference): each takes the id from the order it has just
+    # inserted, in the same transaction, and orders are never deleted.
+    order_id: Mapped[int] = mapped_column(BigIntPK, nullable=False, info=kept_reference("customer_order.id"))
     line_no: Mapped[int] = mapped_column(Integer, nullable=False)
     sku: Mapped[str] = mapped_column(String(255), nullable=False)
     category: Mapped[str | None] = mapped_column(String(255))
     quantity: Mapped[int] = mapped_column(Integer, nullable=False)
     unit_price: Mapped[Decimal] = mapped_column(Money(), nullable=False)
-
-    order: Mapped[Order] = relationship(back_populates="items", lazy="raise")
 
 
 class Refund(IdMixin, CreatedAtMixin, Base):
