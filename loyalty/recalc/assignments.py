@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -304,36 +305,50 @@ def score_columns(
     }
 
 
-def score_row(
-    customer_id: int,
-    position: int,
+def score_rows(
     figures: Figures,
     referrals: ReferralFigures,
     scores: Scores,
-    interests: list[dict[str, Any]],
+    interests: Mapping[int, list[dict[str, Any]]],
     as_of: datetime,
     computed_at: datetime,
-    run_id: int | None,
-) -> dict[str, Any]:
-    """One customer_score row, for the ORM (the real-time path)."""
-    row: dict[str, Any] = {
-        "customer_id": customer_id,
-        "run_id": run_id,
-        "as_of": as_of,
-        "computed_at": computed_at,
-        "interests": interests,
-    }
-    for name, column in score_columns(figures, referrals, scores, slice(position, position + 1)).items():
-        value = column[0].item()
+    run_ids: Mapping[int, int | None],
+) -> list[dict[str, Any]]:
+    """The customer_score rows of a whole scored population, for the ORM (the real-time path).
+
+    The columns are computed once for everyone and read back as Python values a column at a time: computed per
+    customer, their thirty-odd array operations on slices of one cost more than the rest of that customer's
+    placement. ``interests`` and ``run_ids`` (the run of a stored score) are by customer; absent means none.
+    """
+    ids = figures.customer_id.tolist()
+    rows: list[dict[str, Any]] = [
+        {
+            "customer_id": customer_id,
+            "run_id": run_ids.get(customer_id),
+            "as_of": as_of,
+            "computed_at": computed_at,
+            "interests": interests.get(customer_id, []),
+        }
+        for customer_id in ids
+    ]
+    for name, column in score_columns(figures, referrals, scores, slice(None)).items():
+        values = column.tolist()
         if name in MONEY_SCORE_COLUMNS:
-            row[name] = _money(value)
-        elif isinstance(value, float) and math.isnan(value):
-            row[name] = None
-        elif name in INSTANT_SCORE_COLUMNS:
-            row[name] = EPOCH + timedelta(microseconds=value)
+            values = [_money(value) for value in values]
         else:
+            # NaN stands for NULL; an instant is then microseconds since the epoch.
+            instant = name in INSTANT_SCORE_COLUMNS
+            values = [
+                None
+                if isinstance(value, float) and math.isnan(value)
+                else EPOCH + timedelta(microseconds=value)
+                if instant
+                else value
+                for value in values
+            ]
+        for row, value in zip(rows, values, strict=True):
             row[name] = value
-    return row
+    return rows
 
 
 def tier_row(
@@ -366,7 +381,6 @@ class Placement:
 
     previous_tier: str | None
     assignment: Assignment
-    score: dict[str, Any]
     tier: dict[str, Any]
     history: dict[str, Any] | None
 
@@ -400,16 +414,16 @@ def place_customer(
     tiers: TiersConfig,
     position: int,
     population: tuple[Figures, ReferralFigures, Scores, dict[str, list[float]]],
-    interests: list[dict[str, Any]],
     stored: Any,
     *,
-    as_of: datetime,
     now: datetime,
     allow_downgrade: bool,
-    score_run_id: int | None,
     history_run_id: int | None,
 ) -> Placement:
-    """Apply the rules to one customer of a scored population: the full run and the real-time path share this."""
+    """Apply the rules to one customer of a scored population: the full run and the real-time path share this.
+
+    Its score row is ``score_rows``', made for the whole population at once.
+    """
     figures, referrals, scores, cutoffs = population
     customer_id = int(figures.customer_id[position])
     state = state_from_row(stored)
@@ -431,7 +445,6 @@ def place_customer(
     return Placement(
         previous_tier=state.tier,
         assignment=assignment,
-        score=score_row(customer_id, position, figures, referrals, scores, interests, as_of, now, score_run_id),
         tier=tier_row(customer_id, assignment, decision, pin_reason, now),
         history=history,
     )

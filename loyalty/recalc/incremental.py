@@ -41,7 +41,7 @@ from loyalty.db.types import DateTimeUTC
 from loyalty.lib.clock import utcnow
 from loyalty.offers.welcome import issue_welcome_offers
 from loyalty.ops import metrics
-from loyalty.recalc.assignments import TIER_STATE_COLUMNS, place_customer
+from loyalty.recalc.assignments import TIER_STATE_COLUMNS, place_customer, score_rows
 from loyalty.scoring.config import ScoringConfig
 from loyalty.scoring.figures import (
     FIGURE_COLUMNS,
@@ -125,9 +125,9 @@ def lock_statement(dialect: str, with_referrers: bool, only_if: ColumnElement[bo
     """Lock the ``customer_ids`` (and, if asked, their referrers), in id order, and answer their ids.
 
     A concurrent write for the same customer then waits, and its figures include ours. Id order means two
-    requests never wait on each other in a cycle. NO KEY UPDATE, not UPDATE: the order just inserted holds
-    KEY SHARE on its customer (the foreign key), which UPDATE would wait on. SQLite needs no lock: every write
-    transaction there already holds the database's single write lock.
+    requests never wait on each other in a cycle. NO KEY UPDATE, not UPDATE: a refund, event or referral just
+    inserted holds KEY SHARE on its customer (their foreign keys), which UPDATE would wait on. SQLite needs no
+    lock: every write transaction there already holds the database's single write lock.
 
     ``only_if``, a condition on no row of ``customer``, lets a write lock in its own statement: a new order's
     insert and this lock are one round trip (``rescore_after_write``'s ``locked``). PostgreSQL evaluates such a
@@ -252,26 +252,23 @@ async def _rescore_locked(
         if row.score_customer_id is not None:
             previous_runs[customer_id] = row.run_id
     tiers_now: dict[int, str] = {}
-    score_rows, tier_rows, history_rows = [], [], []
+    tier_rows, history_rows = [], []
     for position, customer_id in enumerate(figures.customer_id.tolist()):
         placement = place_customer(
             tiers,
             position,
             (figures, referrals, scores, model.cutoffs),
-            interests.get(customer_id, []),
             stored.get(customer_id),
-            as_of=now,
             now=now,
             allow_downgrade=False,
-            score_run_id=previous_runs.get(customer_id),
             history_run_id=None,
         )
         tiers_now[customer_id] = placement.assignment.tier
-        score_rows.append(placement.score)
         tier_rows.append(placement.tier)
         if placement.history is not None:
             history_rows.append(placement.history)
-    await _write_placements(connection, score_rows, tier_rows, history_rows)
+    new_scores = score_rows(figures, referrals, scores, interests, now, now, previous_runs)
+    await _write_placements(connection, new_scores, tier_rows, history_rows)
     if history_rows:
         selection = HistorySelection(customer_ids=[row["customer_id"] for row in history_rows], at=now)
         await announce_tier_changes(session, selection, now)

@@ -130,12 +130,9 @@ def reference_rows(
             context.tiers,
             position,
             population,
-            [],
             stored,
-            as_of=context.as_of,
             now=context.now,
             allow_downgrade=True,
-            score_run_id=context.run_id,
             history_run_id=context.run_id,
         )
         row = dict(placement.tier)
