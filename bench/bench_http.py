@@ -290,7 +290,7 @@ def real_server_command(config: ServerConfig, workers: int) -> list[str]:
     if config.name == "serve":
         return [sys.executable, "-m", "loyalty.cli", "serve", "--host", "127.0.0.1", "--workers", str(workers)]
     return [
-        sys.executable, "-m", "uvicorn", "loyalty.app:create_app", "--factory", "--workers", str(workers),
+        sys.executable, "-m", "uvicorn", "loyalty.app:create_server_app", "--factory", "--workers", str(workers),
         *config.uvicorn_options(),
     ]  # fmt: skip
 

@@ -22,6 +22,7 @@ from loyalty.customers.controllers import CustomerController, MeController, Repo
 from loyalty.dashboard.controllers import DashboardController, static_router, template_config
 from loyalty.db.dependencies import provide_session
 from loyalty.db.session import create_engine, create_session_maker, read_only
+from loyalty.lib.collector import settle_after_startup
 from loyalty.lib.errors import handle_exception, problems_reference
 from loyalty.lib.logging import configure_logging
 from loyalty.lib.middleware import RATE_LIMIT_STORE, KeyRateLimiter, RequestMiddleware
@@ -177,4 +178,14 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app.state.model_cache = model_cache
     app.state.order_groups = OrderGroups(session_maker, tiers, model_cache)
     app.state.rate_limiter = limiter
+    return app
+
+
+def create_server_app(settings: Settings | None = None) -> Litestar:
+    """``create_app`` for a process that serves it until it exits (``loyalty serve``'s factory, one per worker).
+
+    Once started, the process settles its garbage collector (``collector.settle_after_startup``).
+    """
+    app = create_app(settings)
+    app.on_startup.append(settle_after_startup)
     return app

@@ -80,7 +80,7 @@ def serve(host: str, port: int, workers: int, demo: bool, demo_customers: int) -
         _run(lambda: _with_engine(settings, lambda engine: _demo_if_empty(engine, settings, demo_customers)))
     configure_logging(settings.log_format, settings.log_level)
     uvicorn.run(
-        "loyalty.app:create_app",
+        "loyalty.app:create_server_app",
         factory=True,
         host=host,
         port=port,

@@ -21,6 +21,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from loyalty.db.models import Customer, Order
 from loyalty.db.session import create_engine
 from loyalty.lib.clock import utcnow
+from loyalty.lib.collector import settle_after_startup
 from loyalty.settings import get_settings
 
 Scope = dict[str, Any]
@@ -56,6 +57,7 @@ def create_app() -> Any:
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
+                    settle_after_startup()  # as the served app does, so that the two differ only in the request
                     await send({"type": "lifespan.startup.complete"})
                 else:
                     await engine.dispose()
