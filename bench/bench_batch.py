@@ -3,9 +3,10 @@
     .venv/bin/python bench/bench_batch.py [--orders 20000] [--batch-sizes 100,1000] [--runs 3] [--concurrency 1]
                                           [--postgres-url URL | --sqlite] [--replay]
 
-The application (``create_app``, with its middleware, guards, one transaction per request and the real-time
-re-score) is driven through an in-process ASGI client, so the figures are the server's work without a network
-or a second process competing for the two cores. Bodies are encoded before the clock starts.
+The application as `loyalty serve` builds it (``create_server_app``, with its middleware, guards, one transaction
+per request, the real-time re-score and its settled garbage collector) is driven through an in-process ASGI
+client, so the figures are the server's work without a network or a second process competing for the two cores.
+Bodies are encoded before the clock starts.
 
 PostgreSQL by default: ``--postgres-url`` is an admin URL (default ``postgresql+asyncpg://postgres@127.0.0.1:5432/
 postgres``) where a scratch database ``bench_ingest_<random>`` is created, migrated and dropped at the end.
@@ -36,7 +37,7 @@ from sqlalchemy import make_url, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from loyalty.access.services import create_key
-from loyalty.app import create_app
+from loyalty.app import create_server_app
 from loyalty.db.migrate import upgrade_database
 from loyalty.db.session import create_engine, create_session_maker, transaction
 from loyalty.settings import PROJECT_ROOT, Settings
@@ -155,7 +156,7 @@ async def bench(arguments: argparse.Namespace) -> None:
         )
         headers = {"X-API-Key": await storefront_key(settings), "content-type": "application/json"}
         database = "SQLite" if arguments.sqlite else "PostgreSQL"
-        async with AsyncTestClient(app=create_app(settings)) as client:
+        async with AsyncTestClient(app=create_server_app(settings)) as client:
             for batch_size in arguments.batch_sizes:
                 labels = ("new", "replay") if arguments.replay else ("new",)
                 rates: dict[str, list[float]] = {label: [] for label in labels}

@@ -9,6 +9,7 @@ from sqlalchemy import Connection
 
 from loyalty.db import models  # noqa: F401  (registers every table on the metadata)
 from loyalty.db.base import Base
+from loyalty.db.migrate import schema_change
 from loyalty.db.session import create_engine
 from loyalty.settings import get_settings
 
@@ -34,10 +35,12 @@ async def _run_async() -> None:
     if url:
         settings = settings.model_copy(update={"database_url": url})
     engine = create_engine(settings)
-    async with engine.connect() as connection:
-        await connection.run_sync(_run)
-        await connection.commit()
-    await engine.dispose()
+    try:
+        # With foreign keys off on SQLite, checked before the commit (see schema_change).
+        async with schema_change(engine) as connection:
+            await connection.run_sync(_run)
+    finally:
+        await engine.dispose()
 
 
 def run_migrations_offline() -> None:

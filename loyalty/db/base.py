@@ -25,9 +25,10 @@ BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
 def kept_reference(target: str) -> dict[str, str]:
     """Column info naming the row a column refers to where the application keeps the reference, not a foreign key.
 
-    Only for columns on a bulk write path whose every writer takes the value from that row in the same
-    transaction, of a table whose committed rows are never deleted: a foreign key there is a per-row check (and
-    row lock) that cannot fail. ``loyalty doctor``'s ``references`` check verifies these like every foreign key.
+    Only for columns on a bulk write path whose every writer takes the value from a row it has read or written
+    (in the same transaction, or a committed one), of a table whose committed rows are never deleted: a foreign
+    key there is a per-row check (and row lock) that cannot fail. ``loyalty doctor``'s ``references`` check
+    verifies these like every foreign key.
     """
     return {"references": target}
 

@@ -53,11 +53,12 @@ async def schema_change(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A connection in a transaction for migrations, committed at the end.
 
     On SQLite, alembic's batch mode changes a table by copying it, dropping it and renaming the copy. With foreign
-    keys enforced, dropping a table that other rows refer to (an order its refunds, a code its redemptions) deletes
-    it row by row first and fails; deferring the checks does not help, as SQLite counts those deletions as
-    violations still at commit. So the connection runs with foreign keys off, as SQLite's own procedure for
-    changing a table says, checks them all before it commits, and is discarded afterwards, so no connection with
-    foreign keys off ever serves a request.
+    keys enforced, dropping a table deletes its rows first: where other rows refer to them (an order's refunds, a
+    code's redemptions) the migration failed, and where they cascade (an outbox event's webhook deliveries) they
+    were silently deleted with it. Deferring the checks does not help, as SQLite counts those deletions as
+    violations still at commit. So the connection runs with foreign keys off, as SQLite's own procedure for changing
+    a table says; when a migration was applied, every foreign key is checked before the commit. The connection is
+    discarded afterwards, so none with foreign keys off ever serves a request.
     """
     async with engine.connect() as connection:
         sqlite = connection.dialect.name == "sqlite"
@@ -65,8 +66,9 @@ async def schema_change(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
             await connection.execution_options(**{SCHEMA_CHANGE_OPTION: True})
         try:
             async with connection.begin():
+                before = await connection.run_sync(_current)
                 yield connection
-                if sqlite:
+                if sqlite and await connection.run_sync(_current) != before:
                     broken = (await connection.exec_driver_sql("PRAGMA foreign_key_check")).all()
                     if broken:
                         raise RuntimeError(f"the migration left rows whose foreign keys point nowhere: {broken[:5]}")

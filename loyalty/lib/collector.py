@@ -15,7 +15,7 @@ YOUNG_THRESHOLD = 10_000
 def settle_after_startup() -> None:
     """Exclude what startup built from every later collection, and collect the young generation less often.
 
-    Modules, the routes, the tables' metadata, compiled statements and schemas live as long as the process, yet
+    Modules, the routes, the tables' metadata, the API's schemas and settings live as long as the process, yet
     every full collection walked them all. ``gc.freeze`` moves them to a generation that is never collected;
     garbage of startup is collected first so that none is kept. Only for a process that serves until it exits: a
     process that builds many apps (a test run) would keep each one's frozen cycles for good.

@@ -25,7 +25,8 @@ class CustomerScore(Base):
     # No index on a score: it would change with nearly every row a run writes and rule out heap-only updates.
     __table_args__ = ({"postgresql_with": {"fillfactor": REWRITE_FILLFACTOR}},)
 
-    customer_id: Mapped[int] = mapped_column(BigIntPK, ForeignKey("customer.id", ondelete="CASCADE"), primary_key=True)
+    # Kept by the full run and the real-time re-score (see kept_reference), like the tier and history rows'.
+    customer_id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, info=kept_reference("customer.id"))
     # The full run that last scored the customer; an incremental re-score keeps it and moves `computed_at`. Only
     # the run writes a new value, its own id, and runs are never deleted (see kept_reference).
     run_id: Mapped[int | None] = mapped_column(BigIntPK, info=kept_reference("recalc_run.id"))
@@ -68,7 +69,9 @@ class CustomerTier(Base):
         {"postgresql_with": {"fillfactor": REWRITE_FILLFACTOR}},
     )
 
-    customer_id: Mapped[int] = mapped_column(BigIntPK, ForeignKey("customer.id", ondelete="CASCADE"), primary_key=True)
+    # Kept by its writers (see kept_reference): the full run, the real-time re-score and a pin each take it from a
+    # customer row they read, and customers are never deleted (erasure anonymises them).
+    customer_id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, info=kept_reference("customer.id"))
     tier: Mapped[str] = mapped_column(String(16), nullable=False)
     since: Mapped[datetime] = mapped_column(DateTimeUTC(), nullable=False)
     # What the rules say now; differs from `tier` while a downgrade waits out the grace period or a pin holds.
@@ -88,7 +91,8 @@ class TierHistory(IdMixin, Base):
     __tablename__ = "tier_history"
     __table_args__ = (Index("ix_tier_history_customer_id_at", "customer_id", "at"),)
 
-    customer_id: Mapped[int] = mapped_column(BigIntPK, ForeignKey("customer.id", ondelete="CASCADE"), nullable=False)
+    # Kept by the writers of tiers, as customer_tier's (see kept_reference).
+    customer_id: Mapped[int] = mapped_column(BigIntPK, nullable=False, info=kept_reference("customer.id"))
     from_tier: Mapped[str | None] = mapped_column(String(16))
     to_tier: Mapped[str] = mapped_column(String(16), nullable=False)
     at: Mapped[datetime] = mapped_column(DateTimeUTC(), nullable=False)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
-from loyalty.db.models import Customer
+from loyalty.db.models import Customer, Order
 from loyalty.db.session import read_only
 from loyalty.demo.generator import load_demo
 from loyalty.recalc import incremental
@@ -69,6 +70,25 @@ async def edge_cases(client: Any, storefront: dict[str, str]) -> None:
         assert response.status_code == 201, response.text
 
 
+async def order_of_no_customer(engine: Any) -> None:
+    """An order whose customer is missing, written around the service (an order keeps its customer by a kept
+    reference, no foreign key): both ways leave it out, and no customer takes its figures. Its id sorts after every
+    customer's, past the end of the population's positions."""
+    async with engine.begin() as connection:
+        await connection.execute(
+            insert(Order).values(
+                external_id="order-of-no-customer",
+                customer_id=2**40,
+                placed_at=datetime(2026, 1, 20, tzinfo=UTC),
+                total=Decimal("99.00"),
+                refunded=Decimal(0),
+                currency="USD",
+                content_hash="0" * 64,
+                created_at=datetime(2026, 1, 20, tzinfo=UTC),
+            )
+        )
+
+
 async def post_odd_targets(client: Any, storefront: dict[str, str], targets: list[str]) -> None:
     """Views by ``edge-odd`` of targets that JSON escapes, a day apart (the later one counts as more recent)."""
     events = [
@@ -98,6 +118,7 @@ async def test_the_whole_population_and_single_customers_get_the_same_figures(
 ) -> None:
     await load_demo(engine, customers=1500, seed=21, now=datetime(2026, 4, 1, tzinfo=UTC))
     await edge_cases(client, storefront)
+    await order_of_no_customer(engine)
     for as_of in (datetime(2026, 2, 15, tzinfo=UTC), datetime(2026, 4, 1, tzinfo=UTC)):
         everyone, each = await both_ways(session_maker, as_of)
         assert len(everyone) == len(each) > 1500
