@@ -289,7 +289,7 @@ async def write_orders(session: AsyncSession, orders: Sequence[schemas.OrderCrea
     firsts: dict[str, int] = {}
     for index, data in enumerate(orders):
         firsts.setdefault(data.order_id, index)
-    written = await _write_new_orders(session, [(index, orders[index], hashes[index]) for index in firsts.values()])
+    written = await _write_new_orders(session, [(orders[index], hashes[index]) for index in firsts.values()])
     statuses: list[int] = []
     for index, (data, content_hash) in enumerate(zip(orders, hashes, strict=True)):
         if data.order_id in written.inserted and firsts[data.order_id] == index:
@@ -324,14 +324,12 @@ ORDER_COLUMNS = (
 ITEM_COLUMNS = ("order_id", "line_no", "sku", "category", "quantity", "unit_price")
 
 
-async def _write_new_orders(
-    session: AsyncSession, candidates: list[tuple[int, schemas.OrderCreate, str]]
-) -> _BatchWrite:
+async def _write_new_orders(session: AsyncSession, candidates: list[tuple[schemas.OrderCreate, str]]) -> _BatchWrite:
     """Insert the orders not stored yet (one candidate per id) and their items, in a handful of statements."""
     now = utcnow()
     if not candidates:
         return _BatchWrite({}, {}, now)
-    wanted = [data.order_id for _index, data, _hash in candidates]
+    wanted = [data.order_id for data, _hash in candidates]
     # Read first, so replays and conflicts of stored orders create no customer, as a single 409 creates none.
     stored_hashes: dict[str, str] = dict(
         (
@@ -341,11 +339,11 @@ async def _write_new_orders(
         ).all()
     )
     new = sorted(
-        (entry for entry in candidates if entry[1].order_id not in stored_hashes), key=lambda entry: entry[1].order_id
+        (entry for entry in candidates if entry[0].order_id not in stored_hashes), key=lambda entry: entry[0].order_id
     )
     if not new:
         return _BatchWrite({}, stored_hashes, now)
-    customers = await ensure_customers(session, (data.customer_id for _index, data, _hash in new))
+    customers = await ensure_customers(session, (data.customer_id for data, _hash in new))
     connection = await session.connection()
     inserted_ids: dict[str, int] = dict(
         await insert_new_rows(
@@ -364,19 +362,19 @@ async def _write_new_orders(
                     content_hash,
                     now,
                 )
-                for _index, data, content_hash in new
+                for data, content_hash in new
             ],
             conflict_column="external_id",
             returning=("external_id", "id"),
         )
     )
     inserted: dict[str, int] = {}
-    for _index, data, content_hash in new:
+    for data, content_hash in new:
         if data.order_id in inserted_ids:
             inserted[data.order_id] = customers.ids[data.customer_id]
             stored_hashes[data.order_id] = content_hash
     # Orders a concurrent request stored between our read and our insert (ON CONFLICT waited for it to commit).
-    lost = [data.order_id for _index, data, _hash in new if data.order_id not in inserted_ids]
+    lost = [data.order_id for data, _hash in new if data.order_id not in inserted_ids]
     if lost:
         stored_hashes.update(
             (
@@ -395,7 +393,7 @@ async def _write_new_orders(
         ITEM_COLUMNS,
         [
             (inserted_ids[data.order_id], line_no, item.sku, item.category, item.quantity, item.unit_price)
-            for _index, data, _hash in new
+            for data, _hash in new
             if data.order_id in inserted_ids
             for line_no, item in enumerate(data.items)
         ],

@@ -64,8 +64,16 @@ def unnest_insert_sql(
 
     Each column travels as one array parameter (``storage_form``), numbered from ``first_parameter``, so the
     statement is the same short text, prepared once, for one row or thousands. Only identifiers from the table's
-    metadata and the caller's own SQL are spliced in; every value is a parameter.
+    metadata and the caller's own SQL are spliced in; every value is a parameter. Built once per shape: compiling
+    the column types took about 27 us, on every batch and every group of single orders.
     """
+    return _unnest_insert_sql(dialect, table, tuple(columns), first_parameter, where)
+
+
+@functools.cache
+def _unnest_insert_sql(
+    dialect: Dialect, table: Table, columns: tuple[str, ...], first_parameter: int, where: str
+) -> str:
     quote = dialect.identifier_preparer.quote
     array_types = ", ".join(
         f"${position}::{table.c[name].type.compile(dialect=dialect)}[]"

@@ -460,12 +460,13 @@ async def _load_all_figures_by_copy(session: AsyncSession, as_of: datetime, conf
     # orders are left out, as the SQL form's join from the customers leaves them out, instead of landing on the
     # next customer's position. `loyalty doctor`'s references check names such orders.
     known = ids[np.minimum(position, count - 1)] == buyers if count else np.zeros(buyers.size, dtype=bool)
-    if not known.all():
+    every_buyer_known = bool(known.all())
+    if not every_buyer_known:
         position = position[known]
 
     def spread(values_for_buyers: NDArray[Any], empty: float) -> NDArray[np.float64]:
         full = np.full(count, empty, dtype=np.float64)
-        full[position] = values_for_buyers if known.all() else values_for_buyers[known]
+        full[position] = values_for_buyers if every_buyer_known else values_for_buyers[known]
         return full
 
     money = 1.0 / STORAGE_FACTOR

@@ -74,23 +74,31 @@ def _down_and_up(connection: Connection) -> list[Any]:
     return _differences(connection)
 
 
+@asynccontextmanager
+async def _scratch_database(dialect: str, tmp_path: Path) -> AsyncIterator[str]:
+    """The URL of an empty database of that kind, of this test's own (a PostgreSQL one is dropped afterwards)."""
+    if dialect == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / f'{uuid.uuid4().hex}.db'}"
+        return
+    if not POSTGRES_URL:
+        pytest.skip("LOYALTY_TEST_POSTGRES_URL is not set")
+    url = await _create_postgres_database()
+    try:
+        yield url
+    finally:
+        await _drop_postgres_database(url)
+
+
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 async def test_every_migration_goes_down_and_up_again(dialect: str, tmp_path: Path) -> None:
-    if dialect == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / f'{uuid.uuid4().hex}.db'}"
-    else:
-        if not POSTGRES_URL:
-            pytest.skip("LOYALTY_TEST_POSTGRES_URL is not set")
-        url = await _create_postgres_database()
-    engine = create_engine(Settings(database_url=url))
-    try:
-        await upgrade_database(engine)
-        async with engine.begin() as connection:
-            assert await connection.run_sync(_down_and_up) == []
-    finally:
-        await engine.dispose()
-        if dialect == "postgresql":
-            await _drop_postgres_database(url)
+    async with _scratch_database(dialect, tmp_path) as url:
+        engine = create_engine(Settings(database_url=url))
+        try:
+            await upgrade_database(engine)
+            async with engine.begin() as connection:
+                assert await connection.run_sync(_down_and_up) == []
+        finally:
+            await engine.dispose()
 
 
 def _downgrade(connection: Connection, revision: str) -> None:
@@ -145,24 +153,17 @@ async def _webhook_deliveries(engine: AsyncEngine) -> None:
 @asynccontextmanager
 async def _shop(dialect: str, tmp_path: Path) -> AsyncIterator[AsyncEngine]:
     """A migrated database of either kind with a shop's data: demo orders, a full run's placements, webhooks."""
-    if dialect == "sqlite":
-        url = f"sqlite+aiosqlite:///{tmp_path / 'shop.db'}"
-    else:
-        if not POSTGRES_URL:
-            pytest.skip("LOYALTY_TEST_POSTGRES_URL is not set")
-        url = await _create_postgres_database()
-    settings = Settings(database_url=url)
-    engine = create_engine(settings)
-    try:
-        await upgrade_database(engine)
-        await load_demo(engine, customers=300)
-        await _full_run(engine, settings)
-        await _webhook_deliveries(engine)
-        yield engine
-    finally:
-        await engine.dispose()
-        if dialect == "postgresql":
-            await _drop_postgres_database(url)
+    async with _scratch_database(dialect, tmp_path) as url:
+        settings = Settings(database_url=url)
+        engine = create_engine(settings)
+        try:
+            await upgrade_database(engine)
+            await load_demo(engine, customers=300)
+            await _full_run(engine, settings)
+            await _webhook_deliveries(engine)
+            yield engine
+        finally:
+            await engine.dispose()
 
 
 async def _counts(engine: AsyncEngine) -> dict[str, int]:
