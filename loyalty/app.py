@@ -22,6 +22,7 @@ from loyalty.customers.controllers import CustomerController, MeController, Repo
 from loyalty.dashboard.controllers import DashboardController, static_router, template_config
 from loyalty.db.dependencies import provide_session
 from loyalty.db.session import create_engine, create_session_maker, read_only
+from loyalty.db.statistics import StatisticsJobs
 from loyalty.lib.collector import settle_after_startup
 from loyalty.lib.errors import handle_exception, problems_reference
 from loyalty.lib.logging import configure_logging
@@ -110,9 +111,15 @@ def create_app(settings: Settings | None = None) -> Litestar:
         recalc_jobs = RecalcJobs(session_maker, tiers, recalc_cron, settings.recalc_lease_seconds, model_cache)
         offer_jobs = OfferJobs(session_maker, settings.timezone, settings.recalc_lease_seconds)
         webhook_jobs = WebhookJobs(session_maker, poll_seconds=settings.poll_seconds)
+        statistics_jobs = StatisticsJobs(engine)
         timer = Timer(
             poll_seconds=settings.poll_seconds,
-            poll_jobs=recalc_jobs.poll_jobs() + offer_jobs.poll_jobs() + webhook_jobs.poll_jobs(),
+            poll_jobs=[
+                *recalc_jobs.poll_jobs(),
+                *offer_jobs.poll_jobs(),
+                *webhook_jobs.poll_jobs(),
+                *statistics_jobs.poll_jobs(),
+            ],
             cron=recalc_cron,
             cron_jobs=recalc_jobs.cron_jobs(),
             timezone=settings.timezone,

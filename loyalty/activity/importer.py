@@ -78,6 +78,7 @@ from loyalty.db.bulk import in_list, insert_new_rows, insert_rows
 from loyalty.db.dialect import insert_ignoring_conflicts
 from loyalty.db.models import Customer, InteractionEvent, Order, OrderItem, Refund
 from loyalty.db.session import create_session_maker, transaction
+from loyalty.db.statistics import analyze_after_load
 from loyalty.lib.clock import EARLIEST, FUTURE_SLACK, utcnow
 from loyalty.lib.errors import validation_problem
 from loyalty.lib.money import MAX_AMOUNT, parse_money
@@ -690,8 +691,10 @@ async def _run_batches(
     sink: _Rejects,
     batch_size: int,
     progress: Progress | None,
+    filled: Sequence[type[Base]],
 ) -> None:
-    """Parse groups of rows into records and write them ``batch_size`` at a time, one transaction per batch.
+    """Parse groups of rows into records and write them ``batch_size`` at a time, one transaction per batch; then
+    analyze the tables it ``filled`` (``db.statistics``), if it wrote anything.
 
     One batch is written while the next is parsed: the database works on its own core while this process parses,
     so an import takes about the longer of the two rather than their sum. Batches are still written one at a time
@@ -751,6 +754,8 @@ async def _run_batches(
         # every batch before the error is imported, as the error message promises.
         if writing is not None:
             await writing
+    if summary.imported or summary.updated or summary.refunds or summary.customers_created:
+        await analyze_after_load(engine, (model.__tablename__ for model in filled))
 
 
 def _require(columns: _Columns, names: Sequence[str], what: str, *, hint: bool = False) -> None:
@@ -808,6 +813,7 @@ async def import_orders(
         sink,
         batch_size,
         progress,
+        filled=(Customer, Order, OrderItem, Refund),
     )
     summary.seconds = time.perf_counter() - started
     return summary
@@ -940,6 +946,7 @@ async def import_customers(
         sink,
         batch_size,
         progress,
+        filled=(Customer,),
     )
     summary.seconds = time.perf_counter() - started
     return summary
@@ -1014,6 +1021,7 @@ async def import_events(
         sink,
         batch_size,
         progress,
+        filled=(Customer, InteractionEvent),
     )
     summary.seconds = time.perf_counter() - started
     return summary

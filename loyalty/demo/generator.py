@@ -28,6 +28,7 @@ from loyalty.db.base import Base
 from loyalty.db.models import Customer, InteractionEvent, Order, OrderItem, Referral, Refund
 from loyalty.db.models.activity import EVENT_TYPES
 from loyalty.db.staging import EPOCH, stored_instants, write_rows
+from loyalty.db.statistics import analyze_after_load
 from loyalty.lib.clock import utcnow
 from loyalty.lib.money import STORAGE_SCALE
 from loyalty.settings import get_settings
@@ -244,6 +245,7 @@ async def load_demo(
             progress(STAGE_REFERRALS, len(referrals.values), len(referrals.values))
         if postgres:
             await _advance_sequences(connection)
+    await analyze_after_load(engine, (table.name for table in cursors))
     return DemoSummary(
         customers=cursors[CUSTOMER].written,
         orders=cursors[ORDER].written,

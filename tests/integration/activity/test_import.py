@@ -11,7 +11,7 @@ from decimal import Decimal
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from loyalty.activity.importer import (
     NOT_CONSECUTIVE,
@@ -119,6 +119,36 @@ async def test_generic_orders_with_items_rejects_and_idempotent_rerun(engine, se
     assert again.reasons[ORDER_CONFLICT] == 1
     assert await count(session_maker, Order) == 3
     assert await count(session_maker, OrderItem) == 5
+
+
+async def _times_analyzed(engine, tables: list[str]) -> list[int]:
+    async with engine.connect() as connection:
+        counts = dict(
+            (
+                await connection.execute(
+                    text("SELECT relname, analyze_count FROM pg_stat_user_tables WHERE schemaname = current_schema()")
+                )
+            ).all()
+        )
+    return [counts.get(table, 0) for table in tables]
+
+
+async def test_an_import_that_wrote_rows_analyzes_the_tables_it_filled(engine) -> None:
+    """So the first requests after it are planned on the imported rows (``db.statistics``); SQLite is left alone."""
+    if engine.dialect.name != "postgresql":
+        await import_orders(engine, lines_of(GENERIC))
+        async with engine.connect() as connection:
+            assert not await connection.scalar(text("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'"))
+        return
+    filled = ["customer", "customer_order", "order_item", "refund"]
+    before = await _times_analyzed(engine, [*filled, "interaction_event"])
+    await import_orders(engine, lines_of(GENERIC))
+    assert await _times_analyzed(engine, [*filled, "interaction_event"]) == [count + 1 for count in before[:-1]] + [
+        before[-1]
+    ]
+    # The same file again writes nothing, and analyzes nothing.
+    await import_orders(engine, lines_of(GENERIC), rejects=io.StringIO())
+    assert await _times_analyzed(engine, filled) == [count + 1 for count in before[:-1]]
 
 
 async def test_a_changed_order_is_a_conflict_and_the_others_still_import(engine, session_maker) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from sqlalchemy import func, make_url, select
+from sqlalchemy import func, make_url, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from loyalty.db.migrate import upgrade_database
@@ -341,3 +341,25 @@ async def test_the_same_seed_gives_the_same_data(tmp_path: Path) -> None:
             await engine.dispose()
         fingerprints.append((summary.orders, summary.events, summary.referrals, sorted(totals)))
     assert fingerprints[0] == fingerprints[1]
+
+
+async def test_the_loaded_tables_are_analyzed_for_the_planner(demo: LoadedDemo) -> None:
+    """PostgreSQL plans the first requests on statistics of the loaded rows, not on guesses (``db.statistics``)."""
+    async with demo.engine.connect() as connection:
+        if demo.engine.dialect.name != "postgresql":
+            assert not await connection.scalar(text("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'"))
+            return
+        analyzed = dict(
+            (
+                await connection.execute(
+                    text("SELECT relname, analyze_count FROM pg_stat_user_tables WHERE schemaname = current_schema()")
+                )
+            ).all()
+        )
+        estimated = dict(
+            (await connection.execute(text("SELECT relname, reltuples FROM pg_class WHERE relkind = 'r'"))).all()
+        )
+    rows = await _row_counts(demo.engine)
+    for table, count in rows.items():
+        assert analyzed[table] >= 1, table
+        assert estimated[table] == count, table  # small tables: ANALYZE reads every row
