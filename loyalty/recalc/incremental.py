@@ -34,7 +34,7 @@ from sqlalchemy.orm import aliased
 from sqlalchemy.sql.selectable import TextualSelect
 
 from loyalty.db.base import Base
-from loyalty.db.bulk import on_conflict_update_sql, storage_form, unnest_insert_sql
+from loyalty.db.bulk import on_conflict_update_sql, plan_sized, storage_form, unnest_insert_sql
 from loyalty.db.dialect import json_rows_sql
 from loyalty.db.models import Customer, CustomerScore, CustomerTier, RecalcRun, Referral, TierHistory
 from loyalty.db.types import DateTimeUTC
@@ -150,7 +150,7 @@ def lock_statement(dialect: str, with_referrers: bool, only_if: ColumnElement[bo
 
 async def _lock_customers(connection: AsyncConnection, customer_ids: Sequence[int], with_referrers: bool) -> list[int]:
     statement = _lock_statement(connection.dialect.name, with_referrers)
-    return list((await connection.scalars(statement, {"customer_ids": list(customer_ids)})).all())
+    return list((await connection.scalars(statement, {"customer_ids": plan_sized(customer_ids)})).all())
 
 
 # Each customer's figures with their stored tier, the run of their stored score and their top interests: one read,

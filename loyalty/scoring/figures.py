@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from loyalty.db.bulk import plan_sized
 from loyalty.db.staging import COPY_SIGNATURE, EPOCH, POSTGRES_EPOCH, driver_in_transaction
 from loyalty.db.types import DateTimeUTC
 from loyalty.lib.money import STORAGE_FACTOR
@@ -285,7 +286,7 @@ def figures_parameters(as_of: datetime, config: ScoringConfig, customer_ids: Seq
     window_start_day = math.floor(day_number(as_of)) - config.window_days + 1
     params: dict[str, Any] = {"as_of": as_of, "window_start_day": window_start_day}
     if customer_ids is not None:
-        params["ids"] = list(customer_ids)
+        params["ids"] = plan_sized(customer_ids)
     return params
 
 
@@ -510,7 +511,7 @@ async def load_referral_edges(
     """(referrer, referee) pairs as of the instant; with ids, the edges touching those customers' two levels."""
     params: dict[str, Any] = {"as_of": as_of}
     if customer_ids is not None:
-        params["ids"] = list(customer_ids)
+        params["ids"] = plan_sized(customer_ids)
     statement = _referral_edges_statement(filtered=customer_ids is not None)
     rows = (await session.execute(statement, params)).all()
     # Plain tuples: NumPy probes a Row for the array protocols first, and each probe raises inside SQLAlchemy.
@@ -622,7 +623,7 @@ async def _interest_rows(
         return
     params = interest_parameters(as_of, config)
     if customer_ids is not None:
-        params["ids"] = list(customer_ids)
+        params["ids"] = plan_sized(customer_ids)
     statement = _interests_statement(filtered=customer_ids is not None)
     async for partition in _partitions(session, statement, params, streamed=customer_ids is None):
         yield partition
