@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import ColumnElement, Table, any_, bindparam
 from sqlalchemy.dialects import postgresql, sqlite
@@ -25,27 +25,28 @@ def in_list(session: AsyncSession, column: InstrumentedAttribute[Any], values: S
     return _membership(session.get_bind().dialect.name, column, None, list(values))
 
 
-Value = TypeVar("Value")
 PLAN_SIZED_UP_TO = 1024
+# What the padding repeats: no row's id, so it matches nothing, and it weighs in no row estimate as a real
+# customer's id would (a heavy customer repeated a hundred times could tip a plan to a scan of the table).
+NO_ID = -1
 
 
-def plan_sized(values: Sequence[Value]) -> list[Value]:
-    """``values`` for an expanded ``IN`` list, their last one repeated up to the next power of two (``IN`` ignores
-    the repeats).
+def plan_sized(ids: Sequence[int]) -> list[int]:
+    """Ids for an expanded ``IN`` list, padded with ``NO_ID`` up to the next power of two.
 
     Each length of an expanded list is a statement of its own, which PostgreSQL plans anew on each of its first
-    five executions on a connection before it keeps a generic plan: the real-time re-score's figures read took
-    1.3-2.4 ms on those and 0.5-0.7 ms after (one connection, 20k demo customers). Its lists of customers,
-    referrers and referees came in dozens of lengths, so under load most executions were still among a shape's
-    first five: PostgreSQL's statement log over 236 re-scores showed 0.62 ms of planning in each figures read.
-    Rounded up, a few lengths cover them all. (An array parameter would be one statement, but PostgreSQL never
-    settles on a generic plan for an array of unknown length: it plans it anew every time.) Longer lists than
-    ``PLAN_SIZED_UP_TO`` stay as they are: rare, their planning is small beside their reading, and doubled they
-    would near SQLite's limit of bound parameters sooner.
+    five executions on a connection, and after that whenever the generic plan looks costlier: the real-time
+    re-score's figures read took 1.3-2.4 ms on those and 0.5-0.7 ms once generic (one connection, 20k demo
+    customers). Its lists of customers, referrers and referees came in dozens of lengths, so under load most
+    executions were still among a shape's first five: PostgreSQL's statement log over 236 re-scores showed
+    0.62 ms of planning in each figures read. Rounded up, a few lengths cover them all. (An array parameter is one
+    statement, but its generic plan guesses ten elements, which looks costlier than a list of one or two: the
+    server kept planning it anew.) Longer lists than ``PLAN_SIZED_UP_TO`` stay as they are: rare, their planning
+    is small beside their reading, and doubled they would near SQLite's limit of bound parameters sooner.
     """
-    padded = list(values)
+    padded = list(ids)
     if 0 < len(padded) <= PLAN_SIZED_UP_TO:
-        padded += [padded[-1]] * ((1 << (len(padded) - 1).bit_length()) - len(padded))
+        padded += [NO_ID] * ((1 << (len(padded) - 1).bit_length()) - len(padded))
     return padded
 
 

@@ -15,7 +15,8 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from loyalty.app import create_app
-from loyalty.db.statistics import _ANALYZE_LOCK_KEY, analyze_where_autovacuum_is_off
+from loyalty.db.statistics import _ANALYZE_LOCK_KEY, StatisticsJobs, analyze_where_autovacuum_is_off
+from loyalty.scheduling.timer import Timer
 from loyalty.settings import Settings
 from tests.conftest import Keys
 
@@ -78,19 +79,26 @@ async def orders_without_autovacuum(engine: AsyncEngine) -> AsyncIterator[None]:
             await connection.execute(text("ALTER TABLE customer_order RESET (autovacuum_enabled)"))
 
 
+async def test_the_served_app_runs_the_job_on_its_timer(settings: Settings) -> None:
+    app = create_app(settings.model_copy(update={"scheduler_enabled": True}))
+    async with AsyncTestClient(app=app):
+        assert "db.analyze" in app.state.timer.job_names()
+
+
 @pytest.mark.usefixtures("orders_without_autovacuum")
 async def test_the_timer_analyzes_a_table_autovacuum_leaves_alone(
     settings: Settings, engine: AsyncEngine, keys: Keys
 ) -> None:
     postgres = engine.dialect.name == "postgresql"
     before = await _stored_statistics(engine) if postgres else {}
-    app = create_app(settings.model_copy(update={"scheduler_enabled": True, "poll_seconds": 0.1}))
-    async with AsyncTestClient(app=app) as client:
-        assert "db.analyze" in app.state.timer.job_names()
-        response = await client.post(
-            "/v1/orders/batch", json=_orders_batch("timer"), headers=keys.headers("storefront")
-        )
-        assert response.json()["created"] == ORDERS
+    timer = Timer(poll_seconds=0.1, poll_jobs=StatisticsJobs(engine, every_seconds=0.1).poll_jobs())
+    timer.start()
+    try:
+        async with AsyncTestClient(app=create_app(settings)) as client:
+            response = await client.post(
+                "/v1/orders/batch", json=_orders_batch("timer"), headers=keys.headers("storefront")
+            )
+            assert response.json()["created"] == ORDERS
         if not postgres:
             await asyncio.sleep(0.5)  # five polls
             assert not await _has_sqlite_statistics(engine)
@@ -101,6 +109,8 @@ async def test_the_timer_analyzes_a_table_autovacuum_leaves_alone(
             return (await _stored_statistics(engine))["customer_order"][0] > analyzed_before
 
         await _eventually(orders_analyzed, "the timer never analyzed customer_order")
+    finally:
+        await timer.stop()
 
 
 @pytest.mark.usefixtures("orders_without_autovacuum")
@@ -134,3 +144,26 @@ async def test_a_table_is_analyzed_once_per_change_past_the_threshold_by_one_rep
     # Nothing changed since: nothing to do until the table changes past the threshold again.
     assert "customer_order" not in await analyze_where_autovacuum_is_off(engine)
     assert (await _stored_statistics(engine))["customer_order"][0] == analyzed_before + 1
+
+
+@pytest.mark.usefixtures("orders_without_autovacuum")
+async def test_the_job_looks_at_most_once_a_minute(settings: Settings, engine: AsyncEngine, keys: Keys) -> None:
+    jobs = StatisticsJobs(engine)
+    await jobs.analyze_due()
+    async with AsyncTestClient(app=create_app(settings)) as client:
+        response = await client.post(
+            "/v1/orders/batch", json=_orders_batch("minute"), headers=keys.headers("storefront")
+        )
+        assert response.json()["created"] == ORDERS
+    if engine.dialect.name == "postgresql":
+
+        async def orders_counted() -> bool:
+            return (await _stored_statistics(engine))["customer_order"][1] >= ORDERS
+
+        await _eventually(orders_counted, "PostgreSQL never counted the new orders")
+    assert await jobs.analyze_due() == {}  # due, but checked less than a minute ago
+    another_process = await StatisticsJobs(engine).analyze_due()
+    if engine.dialect.name == "postgresql":
+        assert "customer_order" in another_process["analyzed"]
+    else:
+        assert another_process == {}

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from loyalty.db.bulk import PLAN_SIZED_UP_TO, plan_sized
+from loyalty.db.bulk import NO_ID, PLAN_SIZED_UP_TO, plan_sized
 
 
-def test_a_list_is_padded_with_its_last_value_to_the_next_power_of_two() -> None:
+def test_a_list_is_padded_with_an_id_no_row_has_to_the_next_power_of_two() -> None:
+    assert NO_ID < 1
     assert plan_sized([]) == []
     assert plan_sized([7]) == [7]
     assert plan_sized([3, 5]) == [3, 5]
-    assert plan_sized([3, 5, 9]) == [3, 5, 9, 9]
-    assert plan_sized(range(5)) == [0, 1, 2, 3, 4, 4, 4, 4]
+    assert plan_sized([3, 5, 9]) == [3, 5, 9, NO_ID]
+    assert plan_sized(range(1, 6)) == [1, 2, 3, 4, 5, NO_ID, NO_ID, NO_ID]
 
 
 def test_lengths_up_to_the_bound_take_a_few_shapes_and_keep_their_values() -> None:
@@ -19,7 +20,7 @@ def test_lengths_up_to_the_bound_take_a_few_shapes_and_keep_their_values() -> No
         values = list(range(100, 100 + length))
         padded = plan_sized(values)
         assert padded[:length] == values
-        assert set(padded) == set(values)
+        assert set(padded[length:]) <= {NO_ID}
         shapes.add(len(padded))
     assert shapes == {2**power for power in range(11)}
 
