@@ -1,5 +1,5 @@
 """Real `loyalty` processes for the tests that need one: started with the test's settings, logging to a file,
-waited for until ready, killed with SIGKILL or stopped."""
+waited for until ready, killed with SIGKILL or stopped. Also what the planner-statistics tests read of a database."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from typing import TypeVar
 
 import httpx
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from loyalty.settings import PROJECT_ROOT, Settings
 
@@ -212,3 +214,22 @@ async def wait_for(
             suffix = f"; its log: {watched.log_tail()}" if watched is not None else ""
             pytest.fail(f"{what}: not within {within:g} s{suffix}")
         await asyncio.sleep(every)
+
+
+async def planner_statistics(engine: AsyncEngine) -> dict[str, tuple[int, int]]:
+    """PostgreSQL: (times analyzed by hand, rows changed since the last analysis) of each table. A new transaction,
+    so a new snapshot of the server's statistics."""
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            text(
+                "SELECT relname, analyze_count, n_mod_since_analyze FROM pg_stat_user_tables "
+                "WHERE schemaname = current_schema()"
+            )
+        )
+        return {name: (analyzed, changed) for name, analyzed, changed in rows.all()}
+
+
+async def has_sqlite_statistics(engine: AsyncEngine) -> bool:
+    """SQLite: whether anything ran ANALYZE on the database."""
+    async with engine.connect() as connection:
+        return bool(await connection.scalar(text("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'")))

@@ -11,7 +11,7 @@ from decimal import Decimal
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select
 
 from loyalty.activity.importer import (
     NOT_CONSECUTIVE,
@@ -25,6 +25,7 @@ from loyalty.activity.importer import (
 from loyalty.cli import main
 from loyalty.db.models import Customer, InteractionEvent, Order, OrderItem, Refund
 from loyalty.settings import get_settings
+from tests.support import has_sqlite_statistics, planner_statistics
 
 GENERIC = """\
 order_id,customer_id,placed_at,total,currency,sku,category,quantity,unit_price
@@ -122,23 +123,15 @@ async def test_generic_orders_with_items_rejects_and_idempotent_rerun(engine, se
 
 
 async def _times_analyzed(engine, tables: list[str]) -> list[int]:
-    async with engine.connect() as connection:
-        counts = dict(
-            (
-                await connection.execute(
-                    text("SELECT relname, analyze_count FROM pg_stat_user_tables WHERE schemaname = current_schema()")
-                )
-            ).all()
-        )
-    return [counts.get(table, 0) for table in tables]
+    counts = await planner_statistics(engine)
+    return [counts.get(table, (0, 0))[0] for table in tables]
 
 
 async def test_an_import_that_wrote_rows_analyzes_the_tables_it_filled(engine) -> None:
     """So the first requests after it are planned on the imported rows (``db.statistics``); SQLite is left alone."""
     if engine.dialect.name != "postgresql":
         await import_orders(engine, lines_of(GENERIC))
-        async with engine.connect() as connection:
-            assert not await connection.scalar(text("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'"))
+        assert not await has_sqlite_statistics(engine)
         return
     filled = ["customer", "customer_order", "order_item", "refund"]
     before = await _times_analyzed(engine, [*filled, "interaction_event"])

@@ -19,6 +19,7 @@ from loyalty.db.statistics import _ANALYZE_LOCK_KEY, StatisticsJobs, analyze_whe
 from loyalty.scheduling.timer import Timer
 from loyalty.settings import Settings
 from tests.conftest import Keys
+from tests.support import has_sqlite_statistics, planner_statistics, wait_for
 
 ORDERS = 80  # past autovacuum's default base threshold of 50 changed rows, on an empty table
 
@@ -36,32 +37,6 @@ def _orders_batch(tag: str) -> dict[str, Any]:
             for number in range(ORDERS)
         ]
     }
-
-
-async def _stored_statistics(engine: AsyncEngine) -> dict[str, tuple[int, int]]:
-    """(times analyzed by hand, rows changed since the last analysis) of each table: a new transaction, so a new
-    snapshot of the server's statistics."""
-    async with engine.connect() as connection:
-        rows = await connection.execute(
-            text(
-                "SELECT relname, analyze_count, n_mod_since_analyze FROM pg_stat_user_tables "
-                "WHERE schemaname = current_schema()"
-            )
-        )
-        return {name: (analyzed, changed) for name, analyzed, changed in rows.all()}
-
-
-async def _has_sqlite_statistics(engine: AsyncEngine) -> bool:
-    async with engine.connect() as connection:
-        return bool(await connection.scalar(text("SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'")))
-
-
-async def _eventually(check: Any, what: str, seconds: float = 30) -> None:
-    # PostgreSQL reports a backend's row counts when it goes idle or exits, not at once.
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, what
-        await asyncio.sleep(0.05)
 
 
 @pytest.fixture
@@ -90,7 +65,7 @@ async def test_the_timer_analyzes_a_table_autovacuum_leaves_alone(
     settings: Settings, engine: AsyncEngine, keys: Keys
 ) -> None:
     postgres = engine.dialect.name == "postgresql"
-    before = await _stored_statistics(engine) if postgres else {}
+    before = await planner_statistics(engine) if postgres else {}
     timer = Timer(poll_seconds=0.1, poll_jobs=StatisticsJobs(engine, every_seconds=0.1).poll_jobs())
     timer.start()
     try:
@@ -101,14 +76,14 @@ async def test_the_timer_analyzes_a_table_autovacuum_leaves_alone(
             assert response.json()["created"] == ORDERS
         if not postgres:
             await asyncio.sleep(0.5)  # five polls
-            assert not await _has_sqlite_statistics(engine)
+            assert not await has_sqlite_statistics(engine)
             return
         analyzed_before = before.get("customer_order", (0, 0))[0]
 
         async def orders_analyzed() -> bool:
-            return (await _stored_statistics(engine))["customer_order"][0] > analyzed_before
+            return (await planner_statistics(engine))["customer_order"][0] > analyzed_before
 
-        await _eventually(orders_analyzed, "the timer never analyzed customer_order")
+        await wait_for(orders_analyzed, "the timer never analyzed customer_order", within=30)
     finally:
         await timer.stop()
 
@@ -123,13 +98,14 @@ async def test_a_table_is_analyzed_once_per_change_past_the_threshold_by_one_rep
     # The app's engine is gone with its connections, and with them their row counts went to the server.
     if engine.dialect.name != "postgresql":
         assert await analyze_where_autovacuum_is_off(engine) == []
-        assert not await _has_sqlite_statistics(engine)
+        assert not await has_sqlite_statistics(engine)
         return
 
+    # PostgreSQL takes a backend's row counts when it goes idle or exits, not at once.
     async def orders_counted() -> bool:
-        return (await _stored_statistics(engine))["customer_order"][1] >= ORDERS
+        return (await planner_statistics(engine))["customer_order"][1] >= ORDERS
 
-    await _eventually(orders_counted, "PostgreSQL never counted the new orders")
+    await wait_for(orders_counted, "PostgreSQL never counted the new orders", within=30)
 
     # Another replica holding the lock: this one neither waits nor analyzes.
     async with engine.connect() as other_replica:
@@ -137,13 +113,13 @@ async def test_a_table_is_analyzed_once_per_change_past_the_threshold_by_one_rep
         assert await asyncio.wait_for(analyze_where_autovacuum_is_off(engine), timeout=10) == []
         await other_replica.rollback()
 
-    analyzed_before = (await _stored_statistics(engine))["customer_order"][0]
+    analyzed_before = (await planner_statistics(engine))["customer_order"][0]
     assert "customer_order" in await analyze_where_autovacuum_is_off(engine)
-    analyzed, changed = (await _stored_statistics(engine))["customer_order"]
+    analyzed, changed = (await planner_statistics(engine))["customer_order"]
     assert (analyzed, changed) == (analyzed_before + 1, 0)
     # Nothing changed since: nothing to do until the table changes past the threshold again.
     assert "customer_order" not in await analyze_where_autovacuum_is_off(engine)
-    assert (await _stored_statistics(engine))["customer_order"][0] == analyzed_before + 1
+    assert (await planner_statistics(engine))["customer_order"][0] == analyzed_before + 1
 
 
 @pytest.mark.usefixtures("orders_without_autovacuum")
@@ -158,9 +134,9 @@ async def test_the_job_looks_at_most_once_a_minute(settings: Settings, engine: A
     if engine.dialect.name == "postgresql":
 
         async def orders_counted() -> bool:
-            return (await _stored_statistics(engine))["customer_order"][1] >= ORDERS
+            return (await planner_statistics(engine))["customer_order"][1] >= ORDERS
 
-        await _eventually(orders_counted, "PostgreSQL never counted the new orders")
+        await wait_for(orders_counted, "PostgreSQL never counted the new orders", within=30)
     assert await jobs.analyze_due() == {}  # due, but checked less than a minute ago
     another_process = await StatisticsJobs(engine).analyze_due()
     if engine.dialect.name == "postgresql":
