@@ -189,9 +189,9 @@ class OrderGroups:
     async def _write_together(self, group: list[_Waiting]) -> list[OrderAnswer | Exception]:
         """The group's orders in one transaction, with one re-score of all their customers."""
         async with transaction(self._session_maker) as session:
-            written = await services.write_orders(session, [waiting.data for waiting in group])
+            written = await services.write_orders(session, [waiting.data for waiting in group], lock_for_rescore=True)
             tiers = await incremental.rescore_after_write(
-                session, sorted(set(written.customers.values())), self._tiers, self._cache
+                session, sorted(set(written.customers.values())), self._tiers, self._cache, locked=written.locked
             )
             answers: list[OrderAnswer | Exception] = []
             for waiting, status in zip(group, written.statuses, strict=True):

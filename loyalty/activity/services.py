@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from loyalty.activity import schemas
 from loyalty.customers.lookup import ensure_customer_id, ensure_customer_ids, ensure_customers
 from loyalty.db.base import Base
-from loyalty.db.bulk import in_list, insert_new_rows, insert_rows
+from loyalty.db.bulk import in_list, insert_new_rows, insert_rows, plan_sized
 from loyalty.db.dialect import advisory_lock, insert_ignoring_conflicts, plan_for_these_parameters
 from loyalty.db.models import Customer, InteractionEvent, Order, OrderItem, Referral, Refund
 from loyalty.lib.clock import utcnow
@@ -140,6 +140,59 @@ def _insert_new_order_and_lock(with_items: bool) -> Select[Any]:
         .join(item, true()),
     )
     return statement.add_cte(new_items.cte("new_items"))
+
+
+@functools.cache
+def _insert_new_orders_and_lock() -> Select[Any]:
+    """PostgreSQL: a group's new orders, their items and the re-score's lock on their customers (and referrers) in
+    one statement, as ``_insert_new_order_and_lock`` is for one order: three round trips become one per group.
+
+    Every column travels as one array. The orders' insert is a data-modifying CTE answering the external ids it
+    inserted (an id stored meanwhile by a concurrent request inserts nothing); the items' insert joins their
+    orders' external ids to it, so only inserted orders get items. The lock is ``incremental.lock_statement`` on the
+    customers of every order offered (a customer whose order a concurrent request stored first is re-scored too,
+    which changes nothing), taken only if some order was inserted, and each locked row carries the inserted ids as
+    ``inserted``. No row answered means nothing was inserted.
+    """
+    order = (
+        func.unnest(
+            *(bindparam(f"order_{name}", type_=postgresql.ARRAY(_ORDER_TABLE.c[name].type)) for name in ORDER_COLUMNS)
+        )
+        .table_valued(*ORDER_COLUMNS)
+        .render_derived(name="new_order")
+    )
+    new_orders = (
+        postgresql.insert(Order)
+        .from_select(ORDER_COLUMNS, select(*(order.c[name] for name in ORDER_COLUMNS)))
+        .on_conflict_do_nothing(index_elements=["external_id"])
+        .returning(Order.id, Order.external_id)
+        .cte("new_orders")
+    )
+    item_columns = ("external_order_id", "line_no", *_ITEM_FIELDS)
+    item = (
+        func.unnest(
+            bindparam("item_external_order_id", type_=postgresql.ARRAY(_ORDER_TABLE.c.external_id.type)),
+            bindparam("item_line_no", type_=postgresql.ARRAY(_ITEM_TABLE.c.line_no.type)),
+            *(bindparam(f"item_{name}", type_=postgresql.ARRAY(_ITEM_TABLE.c[name].type)) for name in _ITEM_FIELDS),
+        )
+        .table_valued(*item_columns)
+        .render_derived(name="item")
+    )
+    new_items = insert(_ITEM_TABLE).from_select(
+        ITEM_COLUMNS,
+        select(new_orders.c.id, *(item.c[name] for name in item_columns[1:])).join_from(
+            new_orders, item, item.c.external_order_id == new_orders.c.external_id
+        ),
+    )
+    # Counting the inserted orders runs their insert to the end before any customer is locked (EXISTS would stop
+    # at the first), so orders and locks are taken in the order of separate statements, and never in a cycle.
+    any_inserted = select(func.count()).select_from(new_orders).scalar_subquery() > 0
+    inserted = select(func.array_agg(new_orders.c.external_id)).scalar_subquery().label("inserted")
+    return (
+        incremental.lock_statement("postgresql", with_referrers=True, only_if=any_inserted)
+        .add_columns(inserted)
+        .add_cte(new_items.cte("new_items"))
+    )
 
 
 async def create_order(session: AsyncSession, data: schemas.OrderCreate) -> Written[schemas.Order]:
@@ -277,19 +330,25 @@ class OrdersWritten:
     customers: dict[str, int]
     # When the created orders were stored (their ``created_at``).
     created_at: datetime
+    # What ``lock_statement`` (with referrers) answered, if the write took the re-score's lock (``lock_for_rescore``).
+    locked: tuple[int, ...] | None = None
 
 
-async def write_orders(session: AsyncSession, orders: Sequence[schemas.OrderCreate]) -> OrdersWritten:
+async def write_orders(
+    session: AsyncSession, orders: Sequence[schemas.OrderCreate], lock_for_rescore: bool = False
+) -> OrdersWritten:
     """Store valid orders together, each with the outcome posting them one by one, in order, would give.
 
     The first occurrence of a new order id is created (201); a later one in the list, or an id already stored, is
-    a replay (200) when its content is the same and a conflict (409) otherwise. Nothing is re-scored here.
+    a replay (200) when its content is the same and a conflict (409) otherwise. Nothing is re-scored here; with
+    ``lock_for_rescore``, PostgreSQL takes the re-score's lock in the orders' own statement (``locked``).
     """
     hashes = [schemas.order_content_hash(data) for data in orders]
     firsts: dict[str, int] = {}
     for index, data in enumerate(orders):
         firsts.setdefault(data.order_id, index)
-    written = await _write_new_orders(session, [(orders[index], hashes[index]) for index in firsts.values()])
+    candidates = [(orders[index], hashes[index]) for index in firsts.values()]
+    written = await _write_new_orders(session, candidates, lock_for_rescore)
     statuses: list[int] = []
     for index, (data, content_hash) in enumerate(zip(orders, hashes, strict=True)):
         if data.order_id in written.inserted and firsts[data.order_id] == index:
@@ -298,7 +357,7 @@ async def write_orders(session: AsyncSession, orders: Sequence[schemas.OrderCrea
             statuses.append(200)
         else:
             statuses.append(CONFLICT.status)
-    return OrdersWritten(statuses, written.inserted, written.created_at)
+    return OrdersWritten(statuses, written.inserted, written.created_at, written.locked)
 
 
 @dataclass(frozen=True)
@@ -308,6 +367,7 @@ class _BatchWrite:
     # Content hash stored for every order id of the batch, inserted now or before.
     stored_hashes: dict[str, str]
     created_at: datetime
+    locked: tuple[int, ...] | None = None
 
 
 ORDER_COLUMNS = (
@@ -324,7 +384,9 @@ ORDER_COLUMNS = (
 ITEM_COLUMNS = ("order_id", "line_no", "sku", "category", "quantity", "unit_price")
 
 
-async def _write_new_orders(session: AsyncSession, candidates: list[tuple[schemas.OrderCreate, str]]) -> _BatchWrite:
+async def _write_new_orders(
+    session: AsyncSession, candidates: list[tuple[schemas.OrderCreate, str]], lock_for_rescore: bool = False
+) -> _BatchWrite:
     """Insert the orders not stored yet (one candidate per id) and their items, in a handful of statements."""
     now = utcnow()
     if not candidates:
@@ -345,36 +407,66 @@ async def _write_new_orders(session: AsyncSession, candidates: list[tuple[schema
         return _BatchWrite({}, stored_hashes, now)
     customers = await ensure_customers(session, (data.customer_id for data, _hash in new))
     connection = await session.connection()
-    inserted_ids: dict[str, int] = dict(
-        await insert_new_rows(
-            connection,
-            _ORDER_TABLE,
-            ORDER_COLUMNS,
-            [
-                (
-                    data.order_id,
-                    customers.ids[data.customer_id],
-                    data.placed_at,
-                    data.total,
-                    Decimal(0),
-                    data.currency,
-                    data.channel,
-                    content_hash,
-                    now,
-                )
-                for data, content_hash in new
-            ],
-            conflict_column="external_id",
-            returning=("external_id", "id"),
+    order_rows = [
+        (
+            data.order_id,
+            customers.ids[data.customer_id],
+            data.placed_at,
+            data.total,
+            Decimal(0),
+            data.currency,
+            data.channel,
+            content_hash,
+            now,
         )
-    )
+        for data, content_hash in new
+    ]
+    locked: tuple[int, ...] | None = None
+    if lock_for_rescore and connection.dialect.name == "postgresql":
+        items = [(data.order_id, line_no, item) for data, _hash in new for line_no, item in enumerate(data.items)]
+        parameters: dict[str, Any] = {
+            **{
+                f"order_{name}": list(values)
+                for name, values in zip(ORDER_COLUMNS, zip(*order_rows, strict=True), strict=True)
+            },
+            "item_external_order_id": [order_id for order_id, _line_no, _item in items],
+            "item_line_no": [line_no for _order_id, line_no, _item in items],
+            **{f"item_{name}": [getattr(item, name) for _order_id, _line_no, item in items] for name in _ITEM_FIELDS},
+            "customer_ids": plan_sized(sorted({row[1] for row in order_rows})),
+        }
+        rows = (await connection.execute(_insert_new_orders_and_lock(), parameters)).all()
+        inserted_orders = set(rows[0].inserted) if rows else set()
+        locked = tuple(row.id for row in rows)
+    else:
+        inserted_ids: dict[str, int] = dict(
+            await insert_new_rows(
+                connection,
+                _ORDER_TABLE,
+                ORDER_COLUMNS,
+                order_rows,
+                conflict_column="external_id",
+                returning=("external_id", "id"),
+            )
+        )
+        inserted_orders = set(inserted_ids)
+        await insert_rows(
+            connection,
+            _ITEM_TABLE,
+            ITEM_COLUMNS,
+            [
+                (inserted_ids[data.order_id], line_no, item.sku, item.category, item.quantity, item.unit_price)
+                for data, _hash in new
+                if data.order_id in inserted_ids
+                for line_no, item in enumerate(data.items)
+            ],
+        )
     inserted: dict[str, int] = {}
     for data, content_hash in new:
-        if data.order_id in inserted_ids:
+        if data.order_id in inserted_orders:
             inserted[data.order_id] = customers.ids[data.customer_id]
             stored_hashes[data.order_id] = content_hash
     # Orders a concurrent request stored between our read and our insert (ON CONFLICT waited for it to commit).
-    lost = [data.order_id for data, _hash in new if data.order_id not in inserted_ids]
+    lost = [data.order_id for data, _hash in new if data.order_id not in inserted_orders]
     if lost:
         stored_hashes.update(
             (
@@ -387,18 +479,9 @@ async def _write_new_orders(session: AsyncSession, candidates: list[tuple[schema
         unused = {customers.ids[external] for external in customers.created} - set(inserted.values())
         if unused:
             await session.execute(delete(Customer).where(Customer.id.in_(sorted(unused))))
-    await insert_rows(
-        connection,
-        _ITEM_TABLE,
-        ITEM_COLUMNS,
-        [
-            (inserted_ids[data.order_id], line_no, item.sku, item.category, item.quantity, item.unit_price)
-            for data, _hash in new
-            if data.order_id in inserted_ids
-            for line_no, item in enumerate(data.items)
-        ],
-    )
-    return _BatchWrite(inserted, stored_hashes, now)
+            if locked is not None:  # locked with the others offered, and gone now: nobody to re-score
+                locked = tuple(customer_id for customer_id in locked if customer_id not in unused)
+    return _BatchWrite(inserted, stored_hashes, now, locked)
 
 
 # ---------------------------------------------------------------- refunds

@@ -9,7 +9,8 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from loyalty.activity.services import create_orders_batch
+from loyalty.activity import schemas
+from loyalty.activity.services import create_orders_batch, create_referral, write_orders
 from loyalty.db.models import Customer, CustomerTier, Order, OrderItem
 from tests.integration.activity.test_orders import count, order
 
@@ -175,6 +176,62 @@ async def test_a_batch_losing_a_race_to_different_content_reports_a_conflict_and
     assert set(customers) == {"c-winner", "c-other"}
     assert stored == {"o-race": Decimal("129.90"), "o-other": Decimal("129.90")}
     assert affected == {customers["c-other"]}
+
+
+async def test_a_group_locking_for_its_rescore_that_loses_a_race_locks_only_whom_it_wrote_for(
+    session_maker, database
+) -> None:
+    """Single orders written together take the re-score's lock in their own insert (PostgreSQL): the lock covers
+    the customers written for and their referrers, never a customer dropped with its conflicting order, and the
+    items of the inserted orders are stored as sent."""
+    async with session_maker() as session, session.begin():
+        await create_referral(
+            session,
+            schemas.ReferralCreate(referrer_id="c-referrer", referee_id="c-other", occurred_at="2026-02-01T00:00:00Z"),
+        )
+    items = [
+        {"sku": "A", "category": "tops", "quantity": 1, "unit_price": "10.00"},
+        {"sku": "B", "category": None, "quantity": 3, "unit_price": "0.50"},
+    ]
+    async with session_maker() as winner:
+        await winner.begin()
+        won, _ = await create_orders_batch(winner, [order("o-race", "c-winner")])
+        assert won.created == 1
+
+        async def losing_group() -> Any:
+            async with session_maker() as loser, loser.begin():
+                offered = [order("o-race", "c-loser", total="5.00"), order("o-other", "c-other", items=items)]
+                return await write_orders(
+                    loser, [schemas.OrderCreate.model_validate(body) for body in offered], lock_for_rescore=True
+                )
+
+        loser_task = asyncio.create_task(losing_group())
+        await _wait_for_a_lock_wait(session_maker, database.dialect)
+        await winner.commit()
+    written = await loser_task
+    assert written.statuses == [409, 201]
+    async with session_maker() as session:
+        customers = dict((await session.execute(select(Customer.external_id, Customer.id))).all())
+        stored_items = (
+            await session.execute(
+                select(Order.external_id, OrderItem.line_no, OrderItem.sku, OrderItem.category, OrderItem.quantity)
+                .add_columns(OrderItem.unit_price)
+                .join(Order, Order.id == OrderItem.order_id)
+                .order_by(Order.external_id, OrderItem.line_no)
+            )
+        ).all()
+    assert set(customers) == {"c-winner", "c-other", "c-referrer"}
+    assert written.customers == {"o-other": customers["c-other"]}
+    # SQLite needs no lock (one writer at a time): the re-score takes none there either.
+    expected_lock = (
+        tuple(sorted([customers["c-other"], customers["c-referrer"]])) if database.dialect == "postgresql" else None
+    )
+    assert written.locked == expected_lock
+    assert [tuple(row) for row in stored_items] == [
+        ("o-other", 0, "A", "tops", 1, Decimal("10.00")),
+        ("o-other", 1, "B", None, 3, Decimal("0.50")),
+        ("o-race", 0, "SKU-1", "shoes", 2, Decimal("64.95")),
+    ]
 
 
 async def test_a_batch_plans_its_statements_for_their_own_parameters_until_it_commits(session_maker, database) -> None:
