@@ -12,14 +12,32 @@ from decimal import Decimal
 from typing import Any, Generic, TypeVar
 
 from pydantic import ValidationError
-from sqlalchemy import Insert, Select, bindparam, delete, exists, func, insert, literal, select, text, true, update
+from sqlalchemy import (
+    BigInteger,
+    CompoundSelect,
+    Insert,
+    Select,
+    bindparam,
+    cast,
+    delete,
+    exists,
+    func,
+    insert,
+    literal,
+    null,
+    select,
+    text,
+    true,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from loyalty.activity import schemas
 from loyalty.customers.lookup import ensure_customer_id, ensure_customer_ids, ensure_customers
 from loyalty.db.base import Base
-from loyalty.db.bulk import in_list, insert_new_rows, insert_rows, plan_sized
+from loyalty.db.bulk import in_list, in_parameter, insert_new_rows, insert_rows, plan_sized
 from loyalty.db.dialect import advisory_lock, insert_ignoring_conflicts, plan_for_these_parameters
 from loyalty.db.models import Customer, InteractionEvent, Order, OrderItem, Referral, Refund
 from loyalty.lib.clock import utcnow
@@ -384,6 +402,20 @@ ORDER_COLUMNS = (
 ITEM_COLUMNS = ("order_id", "line_no", "sku", "category", "quantity", "unit_price")
 
 
+@functools.cache
+def _stored_orders_and_customers(dialect: str) -> CompoundSelect[Any]:
+    """The content hash of each stored order among ``order_ids`` and the internal id of each stored customer among
+    ``customer_ids``, in one read (a row with a ``customer_id`` is a customer): two round trips were one each."""
+    return union_all(
+        select(Order.external_id, Order.content_hash, cast(null(), BigInteger).label("customer_id")).where(
+            in_parameter(dialect, Order.external_id, "order_ids")
+        ),
+        select(Customer.external_id, cast(null(), Order.content_hash.type), Customer.id).where(
+            in_parameter(dialect, Customer.external_id, "customer_ids")
+        ),
+    )
+
+
 async def _write_new_orders(
     session: AsyncSession, candidates: list[tuple[schemas.OrderCreate, str]], lock_for_rescore: bool = False
 ) -> _BatchWrite:
@@ -391,22 +423,27 @@ async def _write_new_orders(
     now = utcnow()
     if not candidates:
         return _BatchWrite({}, {}, now)
-    wanted = [data.order_id for data, _hash in candidates]
     # Read first, so replays and conflicts of stored orders create no customer, as a single 409 creates none.
-    stored_hashes: dict[str, str] = dict(
-        (
-            await session.execute(
-                select(Order.external_id, Order.content_hash).where(in_list(session, Order.external_id, wanted))
-            )
-        ).all()
-    )
+    connection = await session.connection()
+    stored_hashes: dict[str, str] = {}
+    stored_customers: dict[str, int] = {}
+    wanted = {
+        "order_ids": [data.order_id for data, _hash in candidates],
+        "customer_ids": sorted({data.customer_id for data, _hash in candidates}),
+    }
+    for external_id, content_hash, customer_id in await connection.execute(
+        _stored_orders_and_customers(connection.dialect.name), wanted
+    ):
+        if customer_id is None:
+            stored_hashes[external_id] = content_hash
+        else:
+            stored_customers[external_id] = customer_id
     new = sorted(
         (entry for entry in candidates if entry[0].order_id not in stored_hashes), key=lambda entry: entry[0].order_id
     )
     if not new:
         return _BatchWrite({}, stored_hashes, now)
-    customers = await ensure_customers(session, (data.customer_id for data, _hash in new))
-    connection = await session.connection()
+    customers = await ensure_customers(session, (data.customer_id for data, _hash in new), stored_customers)
     order_rows = [
         (
             data.order_id,

@@ -35,12 +35,18 @@ class EnsuredCustomers:
     created: frozenset[str]
 
 
-async def ensure_customers(session: AsyncSession, external_ids: Iterable[str]) -> EnsuredCustomers:
+async def ensure_customers(
+    session: AsyncSession, external_ids: Iterable[str], stored: dict[str, int] | None = None
+) -> EnsuredCustomers:
     """Internal ids for storefront ids, creating customers not seen before.
 
     Concurrent requests may create the same customer: ``ON CONFLICT DO NOTHING`` lets exactly one insert win
     and the others read the winner's row, instead of failing on the unique key. Ids are inserted in sorted order,
     so two requests creating overlapping sets wait on each other in one direction only, never in a cycle.
+
+    ``stored``: the stored customers among these ids, as the caller already read them in this transaction (with
+    something else it needed, saving the lookup's round trip); an id it lacks is created as if the lookup had not
+    found it.
     """
     wanted = sorted(set(external_ids))
     if not wanted:
@@ -50,9 +56,11 @@ async def ensure_customers(session: AsyncSession, external_ids: Iterable[str]) -
     # same as before.
     connection = await session.connection()
     dialect = connection.dialect.name
-    found: dict[str, int] = {
-        str(external_id): customer_id for external_id, customer_id in await _find_ids(connection, dialect, wanted)
-    }
+    if stored is None:
+        stored = {
+            str(external_id): customer_id for external_id, customer_id in await _find_ids(connection, dialect, wanted)
+        }
+    found = {external_id: stored[external_id] for external_id in wanted if external_id in stored}
     missing = [external_id for external_id in wanted if external_id not in found]
     if not missing:
         return EnsuredCustomers(found, frozenset())
