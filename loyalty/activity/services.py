@@ -405,7 +405,7 @@ ITEM_COLUMNS = ("order_id", "line_no", "sku", "category", "quantity", "unit_pric
 @functools.cache
 def _stored_orders_and_customers(dialect: str) -> CompoundSelect[Any]:
     """The content hash of each stored order among ``order_ids`` and the internal id of each stored customer among
-    ``customer_ids``, in one read (a row with a ``customer_id`` is a customer): two round trips were one each."""
+    ``customer_ids``, in one round trip where there were two (a row with a ``customer_id`` is a customer)."""
     return union_all(
         select(Order.external_id, Order.content_hash, cast(null(), BigInteger).label("customer_id")).where(
             in_parameter(dialect, Order.external_id, "order_ids")
