@@ -57,7 +57,7 @@ from loyalty.scoring.figures import (
 )
 from loyalty.scoring.scores import ScoringModel, rank_on_cutoffs, score_inputs
 from loyalty.tiers.config import TiersConfig
-from loyalty.webhooks.outbox import HistorySelection, announce_tier_changes
+from loyalty.webhooks.outbox import HistorySelection, announce_tier_changes, tier_changed_sql
 
 # The tables, not the ORM classes, for inserts: the ORM's bulk path would also fetch every new row's id, unused here.
 # The statements' SQL is PostgreSQL's whichever driver runs it; built once, not per engine.
@@ -268,10 +268,11 @@ async def _rescore_locked(
         if placement.history is not None:
             history_rows.append(placement.history)
     new_scores = score_rows(figures, referrals, scores, interests, now, now, previous_runs)
-    await _write_placements(connection, new_scores, tier_rows, history_rows)
+    announced = await _write_placements(connection, new_scores, tier_rows, history_rows)
     if history_rows:
         selection = HistorySelection(customer_ids=[row["customer_id"] for row in history_rows], at=now)
-        await announce_tier_changes(session, selection, now)
+        if not announced:
+            await announce_tier_changes(session, selection, now)
         await issue_welcome_offers(session, tiers, selection, now)
     metrics.record_rescore(len(ids), time.perf_counter() - began)
     return tiers_now
@@ -282,21 +283,22 @@ async def _write_placements(
     score_rows: list[dict[str, Any]],
     tier_rows: list[dict[str, Any]],
     history_rows: list[dict[str, Any]],
-) -> None:
+) -> bool:
     """Upsert the customers' score and tier rows and add their history rows (one of each per customer at most).
+    Answers whether their tier.changed events were written too.
 
-    PostgreSQL: one statement, each column one array, whatever the number of customers: on every order two or
-    three round trips become one, and a batch's hundreds of rows no longer go one execution each.
+    PostgreSQL: one statement, each column one array, whatever the number of customers, with the events: on every
+    order three or four round trips become one, and a batch's hundreds of rows no longer go one execution each.
     """
     if not score_rows:
-        return
+        return False
     dialect = connection.dialect
     if dialect.name != "postgresql":
         for model, rows in ((CustomerScore, score_rows), (CustomerTier, tier_rows)):
             await connection.execute(_upsert_by_customer(dialect.name, model, tuple(rows[0])), rows)
         if history_rows:
             await connection.execute(insert(_TIER_HISTORY), history_rows)
-        return
+        return False
     shapes = [(_SCORE_TABLE, tuple(score_rows[0]), score_rows), (_TIER_TABLE, tuple(tier_rows[0]), tier_rows)]
     if history_rows:
         shapes.append((_TIER_HISTORY, tuple(history_rows[0]), history_rows))
@@ -308,6 +310,7 @@ async def _write_placements(
     # Through SQLAlchemy, not on the driver: a lost connection is then reported and invalidated as on every other
     # statement (a 503 while the database restarts), and the driver still receives the arrays as they are.
     await connection.exec_driver_sql(_placements_sql(*(columns for _table, columns, _rows in shapes)), tuple(arrays))
+    return True
 
 
 @functools.cache
@@ -323,7 +326,7 @@ def _placements_sql(
     - tables: both upserts are CTEs under a plain SELECT. With the tier upsert as the main statement, a plan reused
       from the connection's statement cache locked the tier table before the score table, and a re-score deadlocked
       with a full run waiting to lock both.
-    The history insert, which no other writer waits for, may run last.
+    The history insert, which no other writer waits for, may run last, and its tier.changed events with it.
     """
     scores = (
         f"{unnest_insert_sql(_POSTGRES, _SCORE_TABLE, score_columns)} "
@@ -335,11 +338,15 @@ def _placements_sql(
         f"{unnest_insert_sql(_POSTGRES, _TIER_TABLE, tier_columns, parameters, where=after_scores)} "
         f"{on_conflict_update_sql(_POSTGRES, _TIER_TABLE, tier_columns, 'customer_id')} RETURNING 1"
     )
-    history = (
-        f", history AS ({unnest_insert_sql(_POSTGRES, _TIER_HISTORY, history_columns, parameters + len(tier_columns))})"
-        if history_columns
-        else ""
-    )
+    history = ""
+    if history_columns:
+        first = parameters + len(tier_columns)
+        # The history rows and their tier.changed events (``announce_tier_changes``' insert, reading the rows from
+        # this CTE): one more round trip saved on every order that changes a tier. Each row's time is the
+        # re-score's own, as the announce's creation time is.
+        added = f"{unnest_insert_sql(_POSTGRES, _TIER_HISTORY, history_columns, first)} RETURNING *"
+        announced = tier_changed_sql("postgresql", "history", where="true", created_at="h.at")
+        history = f", history AS ({added}), announced AS ({announced})"
     # Only our own SQL and the tables' identifiers: every value is a parameter.
     return f"WITH scores AS ({scores}), tiers AS ({tiers}){history} SELECT count(*) FROM tiers"  # noqa: S608
 

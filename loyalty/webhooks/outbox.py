@@ -54,6 +54,14 @@ async def announce_tier_changes(session: AsyncSession, selection: HistorySelecti
 def _tier_changed_statement(dialect: str, by_run: bool) -> Any:
     """Built once per process and shape: the real-time re-score announces on every order that changes a tier, and
     building the statement (parsing its text for parameters) cost more than running it."""
+    selection = HistorySelection(run_id=0 if by_run else None)
+    sql = tier_changed_sql(dialect, "tier_history", where=selection.where(), created_at=":now")
+    return selection.bind(text(sql).bindparams(bindparam("now", type_=DateTimeUTC())))
+
+
+def tier_changed_sql(dialect: str, history: str, where: str, created_at: str) -> str:
+    """The insert of one ``tier.changed`` event per row of ``history`` (``tier_history`` itself, or a statement's
+    CTE returning the rows it just added to it) that ``where`` selects, ``created_at`` the events' SQL time."""
     payload = json_object_sql(
         dialect,
         [
@@ -64,13 +72,12 @@ def _tier_changed_statement(dialect: str, by_run: bool) -> Any:
             ("reason", "h.reason"),
         ],
     )
-    selection = HistorySelection(run_id=0 if by_run else None)
     # Only our own SQL fragments are interpolated; every value is a bound parameter.
-    sql = f"""
+    return f"""
         INSERT INTO outbox_event (event_type, customer_id, dedupe_key, occurred_at, payload, created_at)
-        SELECT 'tier.changed', h.customer_id, 'tier.changed:' || CAST(h.id AS VARCHAR(20)), h.at, {payload}, :now
-        FROM tier_history h JOIN customer c ON c.id = h.customer_id
-        WHERE {selection.where()}
+        SELECT 'tier.changed', h.customer_id, 'tier.changed:' || CAST(h.id AS VARCHAR(20)), h.at, {payload},
+            {created_at}
+        FROM {history} h JOIN customer c ON c.id = h.customer_id
+        WHERE {where}
         ON CONFLICT (dedupe_key) DO NOTHING
     """
-    return selection.bind(text(sql).bindparams(bindparam("now", type_=DateTimeUTC())))

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from loyalty.activity import schemas
 from loyalty.activity.order_groups import OrderAnswer, OrderGroups
-from loyalty.db.models import Customer, CustomerTier, Order, OrderItem, TierHistory
+from loyalty.db.models import Customer, CustomerTier, Order, OrderItem, OutboxEvent, TierHistory
 from loyalty.lib.errors import ProblemError
 from tests.integration.activity.test_orders import order
 
@@ -126,6 +126,38 @@ async def test_a_customers_concurrent_orders_answer_the_tiers_of_posting_them_in
     burst = [outcome.order.tier for outcome in outcomes if outcome.order.customer_id == "c-burst"]
     assert (burst, await tier_history(session_maker, "c-burst")) == expected
     assert len(expected[1]) > 1, "the orders should move the customer more than once"
+    await assert_every_tier_change_announced(session_maker)
+
+
+async def assert_every_tier_change_announced(session_maker: async_sessionmaker[AsyncSession]) -> None:
+    """One tier.changed event per history row, as ``announce_tier_changes`` writes it (on PostgreSQL the re-score
+    writes them in its placements statement)."""
+    async with session_maker() as session:
+        history = (
+            await session.execute(
+                select(TierHistory.id, TierHistory.at, TierHistory.from_tier, TierHistory.to_tier, Customer.external_id)
+                .add_columns(TierHistory.kind, TierHistory.reason)
+                .join(Customer, Customer.id == TierHistory.customer_id)
+            )
+        ).all()
+        events = {
+            event.dedupe_key: event
+            for event in (
+                await session.scalars(select(OutboxEvent).where(OutboxEvent.event_type == "tier.changed"))
+            ).all()
+        }
+    assert len(history) > 1
+    assert set(events) == {f"tier.changed:{entry.id}" for entry in history}
+    for entry in history:
+        event = events[f"tier.changed:{entry.id}"]
+        assert (event.occurred_at, event.created_at) == (entry.at, entry.at)
+        assert event.payload == {
+            "customer_id": entry.external_id,
+            "from": entry.from_tier,
+            "to": entry.to_tier,
+            "kind": entry.kind,
+            "reason": entry.reason,
+        }
 
 
 async def queue_all(app: Any, bodies: list[dict[str, Any]]) -> list[OrderAnswer | BaseException]:
