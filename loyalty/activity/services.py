@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from loyalty.activity import schemas
 from loyalty.customers.lookup import ensure_customer_id, ensure_customer_ids, ensure_customers
 from loyalty.db.base import Base
-from loyalty.db.bulk import in_list, in_parameter, insert_new_rows, insert_rows, plan_sized
+from loyalty.db.bulk import in_list, in_parameter, insert_new_rows, insert_rows
 from loyalty.db.dialect import advisory_lock, insert_ignoring_conflicts, plan_for_these_parameters
 from loyalty.db.models import Customer, InteractionEvent, Order, OrderItem, Referral, Refund
 from loyalty.lib.clock import utcnow
@@ -165,12 +165,12 @@ def _insert_new_orders_and_lock() -> Select[Any]:
     """PostgreSQL: a group's new orders, their items and the re-score's lock on their customers (and referrers) in
     one statement, as ``_insert_new_order_and_lock`` is for one order: three round trips become one per group.
 
-    Every column travels as one array. The orders' insert is a data-modifying CTE answering the external ids it
-    inserted (an id stored meanwhile by a concurrent request inserts nothing); the items' insert joins their
-    orders' external ids to it, so only inserted orders get items. The lock is ``incremental.lock_statement`` on the
-    customers of every order offered (a customer whose order a concurrent request stored first is re-scored too,
-    which changes nothing), taken only if some order was inserted, and each locked row carries the inserted ids as
-    ``inserted``. No row answered means nothing was inserted.
+    Every column travels as one array. The orders' insert is a data-modifying CTE answering the orders it inserted
+    (an id stored meanwhile by a concurrent request inserts nothing); the items' insert joins their orders'
+    external ids to it, so only inserted orders get items. The lock is ``incremental.lock_statement`` on the
+    customers of the inserted orders (and their referrers), the set the re-score would lock on its own: a customer
+    whose order lost to a concurrent request is neither locked nor re-scored, as when the order is posted alone.
+    Each locked row carries the inserted ids as ``inserted``; no row answered means nothing was inserted.
     """
     order = (
         func.unnest(
@@ -183,7 +183,7 @@ def _insert_new_orders_and_lock() -> Select[Any]:
         postgresql.insert(Order)
         .from_select(ORDER_COLUMNS, select(*(order.c[name] for name in ORDER_COLUMNS)))
         .on_conflict_do_nothing(index_elements=["external_id"])
-        .returning(Order.id, Order.external_id)
+        .returning(Order.id, Order.external_id, Order.customer_id)
         .cte("new_orders")
     )
     item_columns = ("external_order_id", "line_no", *_ITEM_FIELDS)
@@ -207,7 +207,9 @@ def _insert_new_orders_and_lock() -> Select[Any]:
     any_inserted = select(func.count()).select_from(new_orders).scalar_subquery() > 0
     inserted = select(func.array_agg(new_orders.c.external_id)).scalar_subquery().label("inserted")
     return (
-        incremental.lock_statement("postgresql", with_referrers=True, only_if=any_inserted)
+        incremental.lock_statement(
+            "postgresql", with_referrers=True, only_if=any_inserted, customers=select(new_orders.c.customer_id)
+        )
         .add_columns(inserted)
         .add_cte(new_items.cte("new_items"))
     )
@@ -385,6 +387,7 @@ class _BatchWrite:
     # Content hash stored for every order id of the batch, inserted now or before.
     stored_hashes: dict[str, str]
     created_at: datetime
+    # The customers (with their referrers) locked for the re-score by the insert itself, if it took the lock.
     locked: tuple[int, ...] | None = None
 
 
@@ -405,7 +408,8 @@ ITEM_COLUMNS = ("order_id", "line_no", "sku", "category", "quantity", "unit_pric
 @functools.cache
 def _stored_orders_and_customers(dialect: str) -> CompoundSelect[Any]:
     """The content hash of each stored order among ``order_ids`` and the internal id of each stored customer among
-    ``customer_ids``, in one round trip where there were two (a row with a ``customer_id`` is a customer)."""
+    ``customer_ids`` (a row with a ``customer_id`` is a customer): one round trip, where each group of single
+    orders paid two before writing anything."""
     return union_all(
         select(Order.external_id, Order.content_hash, cast(null(), BigInteger).label("customer_id")).where(
             in_parameter(dialect, Order.external_id, "order_ids")
@@ -419,7 +423,8 @@ def _stored_orders_and_customers(dialect: str) -> CompoundSelect[Any]:
 async def _write_new_orders(
     session: AsyncSession, candidates: list[tuple[schemas.OrderCreate, str]], lock_for_rescore: bool = False
 ) -> _BatchWrite:
-    """Insert the orders not stored yet (one candidate per id) and their items, in a handful of statements."""
+    """Insert the orders not stored yet (one candidate per id) and their items, in a handful of statements; with
+    ``lock_for_rescore`` on PostgreSQL, the insert also takes the re-score's lock (``_insert_new_orders_and_lock``)."""
     now = utcnow()
     if not candidates:
         return _BatchWrite({}, {}, now)
@@ -469,7 +474,6 @@ async def _write_new_orders(
             "item_external_order_id": [order_id for order_id, _line_no, _item in items],
             "item_line_no": [line_no for _order_id, line_no, _item in items],
             **{f"item_{name}": [getattr(item, name) for _order_id, _line_no, item in items] for name in _ITEM_FIELDS},
-            "customer_ids": plan_sized(sorted({row[1] for row in order_rows})),
         }
         rows = (await connection.execute(_insert_new_orders_and_lock(), parameters)).all()
         inserted_orders = set(rows[0].inserted) if rows else set()
@@ -516,8 +520,6 @@ async def _write_new_orders(
         unused = {customers.ids[external] for external in customers.created} - set(inserted.values())
         if unused:
             await session.execute(delete(Customer).where(Customer.id.in_(sorted(unused))))
-            if locked is not None:  # locked with the others offered, and gone now: nobody to re-score
-                locked = tuple(customer_id for customer_id in locked if customer_id not in unused)
     return _BatchWrite(inserted, stored_hashes, now, locked)
 
 

@@ -97,10 +97,9 @@ class ModelCache:
         self._model = None
 
 
-def _customers_and_referrers() -> CompoundSelect[int]:
+def _customers_and_referrers(customer_ids: BindParameter[list[int]] | Select[Any]) -> CompoundSelect[int]:
     """The ``customer_ids`` and up to two levels of their referrers: their influence counts these customers'
     spending."""
-    customer_ids: BindParameter[list[int]] = bindparam("customer_ids", expanding=True)
     first_referral, second_referral = aliased(Referral), aliased(Referral)
     return union(
         select(Customer.id).where(Customer.id.in_(customer_ids)),
@@ -121,7 +120,12 @@ def _lock_statement(dialect: str, with_referrers: bool) -> Select[Any]:
     return lock_statement(dialect, with_referrers)
 
 
-def lock_statement(dialect: str, with_referrers: bool, only_if: ColumnElement[bool] | None = None) -> Select[Any]:
+def lock_statement(
+    dialect: str,
+    with_referrers: bool,
+    only_if: ColumnElement[bool] | None = None,
+    customers: Select[Any] | None = None,
+) -> Select[Any]:
     """Lock the ``customer_ids`` (and, if asked, their referrers), in id order, and answer their ids.
 
     A concurrent write for the same customer then waits, and its figures include ours. Id order means two
@@ -131,15 +135,15 @@ def lock_statement(dialect: str, with_referrers: bool, only_if: ColumnElement[bo
 
     ``only_if``, a condition on no row of ``customer``, lets a write lock in its own statement: a new order's
     insert and this lock are one round trip (``rescore_after_write``'s ``locked``). PostgreSQL evaluates such a
-    condition once, before it reads and locks any row.
+    condition once, before it reads and locks any row. ``customers``, a select of customer ids, stands in for the
+    ``customer_ids`` parameter: a statement's own CTE, such as the ids of the orders it just inserted.
     """
     # An expanded list, not PostgreSQL's array parameter: for a list of one or two ids the server then keeps one
     # generic plan of the statement, where with an array of unknown length it planned it anew on every order.
-    wanted = (
-        Customer.id.in_(_customers_and_referrers())
-        if with_referrers
-        else Customer.id.in_(bindparam("customer_ids", expanding=True))
+    ids: BindParameter[list[int]] | Select[Any] = (
+        customers if customers is not None else bindparam("customer_ids", expanding=True)
     )
+    wanted = Customer.id.in_(_customers_and_referrers(ids) if with_referrers else ids)
     locked = select(Customer.id).where(wanted).order_by(Customer.id)
     if only_if is not None:
         locked = locked.where(only_if)
@@ -344,7 +348,8 @@ def _placements_sql(
         # The history rows and their tier.changed events (``announce_tier_changes``' insert, reading the rows from
         # this CTE): one more round trip saved on every order that changes a tier. Each row's time is the
         # re-score's own, as the announce's creation time is.
-        added = f"{unnest_insert_sql(_POSTGRES, _TIER_HISTORY, history_columns, first)} RETURNING *"
+        returned = "id, customer_id, at, from_tier, to_tier, kind, reason"  # what tier_changed_sql reads
+        added = f"{unnest_insert_sql(_POSTGRES, _TIER_HISTORY, history_columns, first)} RETURNING {returned}"
         announced = tier_changed_sql("postgresql", "history", where="true", created_at="h.at")
         history = f", history AS ({added}), announced AS ({announced})"
     # Only our own SQL and the tables' identifiers: every value is a parameter.

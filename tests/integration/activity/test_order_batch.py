@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from loyalty.activity import schemas
 from loyalty.activity.services import create_orders_batch, create_referral, write_orders
+from loyalty.customers.lookup import ensure_customer_ids
 from loyalty.db.models import Customer, CustomerTier, Order, OrderItem
 from tests.integration.activity.test_orders import count, order
 
@@ -182,25 +183,30 @@ async def test_a_group_locking_for_its_rescore_that_loses_a_race_locks_only_whom
     session_maker, database
 ) -> None:
     """Single orders written together take the re-score's lock in their own insert (PostgreSQL): the lock covers
-    the customers written for and their referrers, never a customer dropped with its conflicting order, and the
-    items of the inserted orders are stored as sent."""
+    the customers written for and their referrers, not a customer whose order lost (one known before, or one
+    created for it and dropped with it), and the items of the inserted orders are stored as sent."""
     async with session_maker() as session, session.begin():
         await create_referral(
             session,
             schemas.ReferralCreate(referrer_id="c-referrer", referee_id="c-other", occurred_at="2026-02-01T00:00:00Z"),
         )
+        await ensure_customer_ids(session, ["c-known"])
     items = [
         {"sku": "A", "category": "tops", "quantity": 1, "unit_price": "10.00"},
         {"sku": "B", "category": None, "quantity": 3, "unit_price": "0.50"},
     ]
     async with session_maker() as winner:
         await winner.begin()
-        won, _ = await create_orders_batch(winner, [order("o-race", "c-winner")])
-        assert won.created == 1
+        won, _ = await create_orders_batch(winner, [order("o-race", "c-winner"), order("o-race-known", "c-winner")])
+        assert won.created == 2
 
         async def losing_group() -> Any:
             async with session_maker() as loser, loser.begin():
-                offered = [order("o-race", "c-loser", total="5.00"), order("o-other", "c-other", items=items)]
+                offered = [
+                    order("o-race", "c-loser", total="5.00"),
+                    order("o-race-known", "c-known", total="5.00"),
+                    order("o-other", "c-other", items=items),
+                ]
                 return await write_orders(
                     loser, [schemas.OrderCreate.model_validate(body) for body in offered], lock_for_rescore=True
                 )
@@ -209,7 +215,7 @@ async def test_a_group_locking_for_its_rescore_that_loses_a_race_locks_only_whom
         await _wait_for_a_lock_wait(session_maker, database.dialect)
         await winner.commit()
     written = await loser_task
-    assert written.statuses == [409, 201]
+    assert written.statuses == [409, 409, 201]
     async with session_maker() as session:
         customers = dict((await session.execute(select(Customer.external_id, Customer.id))).all())
         stored_items = (
@@ -220,7 +226,7 @@ async def test_a_group_locking_for_its_rescore_that_loses_a_race_locks_only_whom
                 .order_by(Order.external_id, OrderItem.line_no)
             )
         ).all()
-    assert set(customers) == {"c-winner", "c-other", "c-referrer"}
+    assert set(customers) == {"c-winner", "c-known", "c-other", "c-referrer"}
     assert written.customers == {"o-other": customers["c-other"]}
     # SQLite needs no lock (one writer at a time): the re-score takes none there either.
     expected_lock = (
@@ -231,6 +237,7 @@ async def test_a_group_locking_for_its_rescore_that_loses_a_race_locks_only_whom
         ("o-other", 0, "A", "tops", 1, Decimal("10.00")),
         ("o-other", 1, "B", None, 3, Decimal("0.50")),
         ("o-race", 0, "SKU-1", "shoes", 2, Decimal("64.95")),
+        ("o-race-known", 0, "SKU-1", "shoes", 2, Decimal("64.95")),
     ]
 
 
