@@ -20,14 +20,12 @@ from sqlalchemy import (
     bindparam,
     cast,
     delete,
-    exists,
     func,
     insert,
     literal,
     null,
     select,
     text,
-    true,
     union_all,
     update,
 )
@@ -123,47 +121,9 @@ _ITEM_FIELDS = ("sku", "category", "quantity", "unit_price")
 
 
 @functools.cache
-def _insert_new_order_and_lock(with_items: bool) -> Select[Any]:
-    """PostgreSQL: a new order, its items and the re-score's lock on its customer (and referrers) in one statement:
-    three round trips become one on every new order.
-
-    The order's insert is a data-modifying CTE; the items' insert reads the new id from it, the items' columns
-    travelling as arrays numbered by ``WITH ORDINALITY``. The lock is ``incremental.lock_statement``, taken only if
-    the order was inserted and only after its insert, as when they were separate statements. An order id already
-    stored inserts nothing, locks nothing and answers no row, as ``_insert_new_order`` does.
-    """
-    new_order = (
-        postgresql.insert(Order)
-        .values({name: bindparam(name) for name in ORDER_COLUMNS})
-        .on_conflict_do_nothing(index_elements=["external_id"])
-        .returning(Order.id)
-        .cte("new_order")
-    )
-    statement = incremental.lock_statement(
-        "postgresql", with_referrers=True, only_if=exists(select(new_order.c.id))
-    ).add_columns(select(new_order.c.id).scalar_subquery().label("order_id"))
-    if not with_items:
-        return statement
-    item = (
-        func.unnest(
-            *(bindparam(f"item_{name}", type_=postgresql.ARRAY(_ITEM_TABLE.c[name].type)) for name in _ITEM_FIELDS)
-        )
-        .table_valued(*_ITEM_FIELDS, with_ordinality="position")
-        .render_derived(name="item")
-    )
-    new_items = insert(_ITEM_TABLE).from_select(
-        ITEM_COLUMNS,
-        select(new_order.c.id, item.c.position - 1, *(item.c[name] for name in _ITEM_FIELDS))
-        .select_from(new_order)
-        .join(item, true()),
-    )
-    return statement.add_cte(new_items.cte("new_items"))
-
-
-@functools.cache
 def _insert_new_orders_and_lock() -> Select[Any]:
-    """PostgreSQL: a group's new orders, their items and the re-score's lock on their customers (and referrers) in
-    one statement, as ``_insert_new_order_and_lock`` is for one order: three round trips become one per group.
+    """PostgreSQL: new orders (one alone, or a group's), their items and the re-score's lock on their customers
+    (and referrers) in one statement: three round trips become one on every order and every group.
 
     Every column travels as one array. The orders' insert is a data-modifying CTE answering the orders it inserted
     (an id stored meanwhile by a concurrent request inserts nothing); the items' insert joins their orders'
@@ -215,6 +175,23 @@ def _insert_new_orders_and_lock() -> Select[Any]:
     )
 
 
+def _new_orders_parameters(
+    order_rows: Sequence[tuple[Any, ...]], orders: Sequence[schemas.OrderCreate]
+) -> dict[str, Any]:
+    """``_insert_new_orders_and_lock``'s arrays: ``order_rows`` (values in ``ORDER_COLUMNS`` order) and the items
+    of their ``orders``, numbered by line within each order."""
+    items = [(data.order_id, line_no, item) for data in orders for line_no, item in enumerate(data.items)]
+    return {
+        **{
+            f"order_{name}": list(values)
+            for name, values in zip(ORDER_COLUMNS, zip(*order_rows, strict=True), strict=True)
+        },
+        "item_external_order_id": [order_id for order_id, _line_no, _item in items],
+        "item_line_no": [line_no for _order_id, line_no, _item in items],
+        **{f"item_{name}": [getattr(item, name) for _order_id, _line_no, item in items] for name in _ITEM_FIELDS},
+    }
+
+
 async def create_order(session: AsyncSession, data: schemas.OrderCreate) -> Written[schemas.Order]:
     """Store an order once; a replay with the same content returns it, a different one is a 409."""
     customer_id = await ensure_customer_id(session, data.customer_id)
@@ -235,23 +212,22 @@ async def create_order(session: AsyncSession, data: schemas.OrderCreate) -> Writ
     # session's own per-statement work was a noticeable part of every order.
     connection = await session.connection()
     locked: tuple[int, ...] | None = None
+    order_id: int | None = None
     if connection.dialect.name == "postgresql":
-        parameters: dict[str, Any] = {**order, "customer_ids": [customer_id]}
-        if data.items:
-            parameters.update({f"item_{name}": [getattr(item, name) for item in data.items] for name in _ITEM_FIELDS})
-        rows = (await connection.execute(_insert_new_order_and_lock(bool(data.items)), parameters)).all()
-        order_id = rows[0].order_id if rows else None
-        locked = tuple(row.id for row in rows)
+        parameters = _new_orders_parameters([tuple(order[name] for name in ORDER_COLUMNS)], [data])
+        locked = tuple(row.id for row in await connection.execute(_insert_new_orders_and_lock(), parameters))
+        created = bool(locked)  # no row locked: nothing inserted
     else:
         order_id = await connection.scalar(_insert_new_order(connection.dialect.name), order)
-    if order_id is None:
+        created = order_id is not None
+    if not created:
         existing = await _stored_order(session, data.order_id)
         if existing.content_hash != content_hash:
             raise order_conflict(data.order_id)
         return Written(
             await _order_view(session, existing, data.customer_id), created=False, customer_ids=(customer_id,)
         )
-    if data.items and locked is None:
+    if data.items and order_id is not None:
         # The table, not the ORM class: the ORM's bulk path would also fetch every new item's id, unused here.
         await connection.execute(
             _INSERT_ITEM,
@@ -465,16 +441,7 @@ async def _write_new_orders(
     ]
     locked: tuple[int, ...] | None = None
     if lock_for_rescore and connection.dialect.name == "postgresql":
-        items = [(data.order_id, line_no, item) for data, _hash in new for line_no, item in enumerate(data.items)]
-        parameters: dict[str, Any] = {
-            **{
-                f"order_{name}": list(values)
-                for name, values in zip(ORDER_COLUMNS, zip(*order_rows, strict=True), strict=True)
-            },
-            "item_external_order_id": [order_id for order_id, _line_no, _item in items],
-            "item_line_no": [line_no for _order_id, line_no, _item in items],
-            **{f"item_{name}": [getattr(item, name) for _order_id, _line_no, item in items] for name in _ITEM_FIELDS},
-        }
+        parameters = _new_orders_parameters(order_rows, [data for data, _hash in new])
         rows = (await connection.execute(_insert_new_orders_and_lock(), parameters)).all()
         inserted_orders = set(rows[0].inserted) if rows else set()
         locked = tuple(row.id for row in rows)
