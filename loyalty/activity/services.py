@@ -121,7 +121,7 @@ _ITEM_FIELDS = ("sku", "category", "quantity", "unit_price")
 
 
 @functools.cache
-def _insert_new_orders_and_lock() -> Select[Any]:
+def _insert_new_orders_and_lock(alone: bool) -> Select[Any]:
     """PostgreSQL: new orders (one alone, or a group's), their items and the re-score's lock on their customers
     (and referrers) in one statement: three round trips become one on every order and every group.
 
@@ -131,6 +131,10 @@ def _insert_new_orders_and_lock() -> Select[Any]:
     customers of the inserted orders (and their referrers), the set the re-score would lock on its own: a customer
     whose order lost to a concurrent request is neither locked nor re-scored, as when the order is posted alone.
     Each locked row carries the inserted ids as ``inserted``; no row answered means nothing was inserted.
+
+    An order ``alone`` names its customer in the ``customer_ids`` parameter instead: the same set whenever the
+    order is inserted, and planned on the customer indexes from a list, where the set read back from the insert
+    cost 0.3-0.6 ms more per order (``create_order``'s median on one connection, 20k demo customers).
     """
     order = (
         func.unnest(
@@ -168,7 +172,10 @@ def _insert_new_orders_and_lock() -> Select[Any]:
     inserted = select(func.array_agg(new_orders.c.external_id)).scalar_subquery().label("inserted")
     return (
         incremental.lock_statement(
-            "postgresql", with_referrers=True, only_if=any_inserted, customers=select(new_orders.c.customer_id)
+            "postgresql",
+            with_referrers=True,
+            only_if=any_inserted,
+            customers=None if alone else select(new_orders.c.customer_id),
         )
         .add_columns(inserted)
         .add_cte(new_items.cte("new_items"))
@@ -215,7 +222,8 @@ async def create_order(session: AsyncSession, data: schemas.OrderCreate) -> Writ
     order_id: int | None = None
     if connection.dialect.name == "postgresql":
         parameters = _new_orders_parameters([tuple(order[name] for name in ORDER_COLUMNS)], [data])
-        locked = tuple(row.id for row in await connection.execute(_insert_new_orders_and_lock(), parameters))
+        parameters["customer_ids"] = [customer_id]
+        locked = tuple(row.id for row in await connection.execute(_insert_new_orders_and_lock(alone=True), parameters))
         created = bool(locked)  # no row locked: nothing inserted
     else:
         order_id = await connection.scalar(_insert_new_order(connection.dialect.name), order)
@@ -442,7 +450,7 @@ async def _write_new_orders(
     locked: tuple[int, ...] | None = None
     if lock_for_rescore and connection.dialect.name == "postgresql":
         parameters = _new_orders_parameters(order_rows, [data for data, _hash in new])
-        rows = (await connection.execute(_insert_new_orders_and_lock(), parameters)).all()
+        rows = (await connection.execute(_insert_new_orders_and_lock(alone=False), parameters)).all()
         inserted_orders = set(rows[0].inserted) if rows else set()
         locked = tuple(row.id for row in rows)
     else:
