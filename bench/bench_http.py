@@ -16,7 +16,9 @@ on the same server with the same worker count; all configurations' servers run s
 and each of the ``--repeat`` rounds drives every configuration in turn with wrk (a separate process):
 
 - ``GET /health/live`` and the badge ``GET /v1/customers/{id}/tier`` at 64 connections: throughput and their ratio;
-- the badge at 8 connections: p50 and p99 latency;
+- the badge at 8 connections: p50 and p99 latency; beside the badge at 64, the share of its reads that the server's
+  badge cache answered (its ``/metrics`` before and after; the cache fills from the warm-up on, and each round's
+  orders make it forget the badges of the customers they re-score, as on a live shop);
 - ``POST /v1/orders`` (unique order ids, a quarter of them for new customers, each re-scored in the request) and the
   bare INSERT at 16 connections: throughput and their ratio; ``POST /v1/orders`` at 8 connections: p99.
 
@@ -60,6 +62,7 @@ HERE = Path(__file__).resolve().parent
 SCRIPTS = HERE / "http"
 SECRET_KEY = "bench-http-secret-key-long-enough-for-hs256-0123456789"
 WRK_LINE = re.compile(r"^BENCH (\{.*\})$", re.MULTILINE)
+BADGE_CACHE_READS = re.compile(r'^loyalty_badge_cache_reads_total\{result="(hit|miss)"\} (\S+)$', re.MULTILINE)
 NEW_CUSTOMER_SHARE = 0.25
 TARGETS = {
     "badge_ratio": 0.50,
@@ -224,6 +227,19 @@ class Server:
         workers = [pid for pid in children if "loyalty" in _command_line(pid) or "uvicorn" in _command_line(pid)]
         return workers or [self.process.pid]
 
+    def badge_cache_reads(self) -> tuple[float, float] | None:
+        """(hits, misses) of the badge cache so far, from /metrics; None where the server has no such figures.
+        With several workers this is the one worker that answered the scrape."""
+        try:
+            with urllib.request.urlopen(self.base_url + "/metrics", timeout=5) as response:
+                exposition = response.read().decode()
+        except OSError:
+            return None
+        reads = dict(BADGE_CACHE_READS.findall(exposition))
+        if "hit" not in reads or "miss" not in reads:
+            return None
+        return float(reads["hit"]), float(reads["miss"])
+
     def cpu_seconds(self) -> float:
         """User and system CPU time of the server and its workers so far."""
         listing = subprocess.run(
@@ -315,6 +331,8 @@ class WrkResult:
     non_2xx: int
     socket_errors: int
     server_cpu_seconds: float = 0.0
+    # Share of the run's badge reads the server's badge cache answered (NaN: not a badge run, or no cache).
+    cache_hit_share: float = float("nan")
 
     @property
     def rps(self) -> float:
@@ -335,9 +353,15 @@ def run_wrk(
         "wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "10s",
         "-s", str(SCRIPTS / script), url, "--", *script_arguments,
     ]  # fmt: skip
+    cache_before = server.badge_cache_reads() if script == "badge.lua" else None
     cpu_before = server.cpu_seconds()
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     cpu_used = server.cpu_seconds() - cpu_before
+    cache_after = server.badge_cache_reads() if cache_before is not None else None
+    cache_hit_share = float("nan")
+    if cache_before is not None and cache_after is not None:
+        hits, misses = (after - before for after, before in zip(cache_after, cache_before, strict=True))
+        cache_hit_share = hits / (hits + misses) if hits + misses else float("nan")
     match = WRK_LINE.search(done.stdout)
     if done.returncode != 0 or match is None:
         sys.exit(f"wrk failed ({done.returncode}): {' '.join(command)}\n{done.stdout}\n{done.stderr}")
@@ -351,6 +375,7 @@ def run_wrk(
         non_2xx=figures["non_2xx"],
         socket_errors=figures["socket_errors"],
         server_cpu_seconds=cpu_used,
+        cache_hit_share=cache_hit_share,
     )
 
 
@@ -544,6 +569,7 @@ ROWS = (
     ("GET /health/live, server CPU ms/req", "live@64.cpu_ms", "{:.2f}", None),
     ("badge GET /v1/customers/{id}/tier @64, req/s", "badge@64.rps", "{:,.0f}", None),
     ("badge, server CPU ms/req", "badge@64.cpu_ms", "{:.2f}", None),
+    ("badge reads from the badge cache @64", "badge@64.cache_hit_share", "{:.0%}", None),
     ("badge / live ratio", "badge_ratio", "{:.0%}", ("≥", "badge_ratio", "{:.0%}")),
     ("badge @8, p50 ms", "badge@8.p50_ms", "{:.2f}", None),
     ("badge @8, p99 ms", "badge@8.p99_ms", "{:.2f}", ("<", "badge_p99_ms", "{:g} ms")),

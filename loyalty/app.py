@@ -21,7 +21,7 @@ from loyalty.activity.order_groups import OrderGroups
 from loyalty.customers.controllers import CustomerController, MeController, ReportController
 from loyalty.dashboard.controllers import DashboardController, static_router, template_config
 from loyalty.db.dependencies import provide_session
-from loyalty.db.session import create_engine, create_session_maker, read_only
+from loyalty.db.session import connect_outside_pool, create_engine, create_session_maker, read_only
 from loyalty.db.statistics import StatisticsJobs
 from loyalty.lib.collector import settle_after_startup
 from loyalty.lib.errors import handle_exception, problems_reference
@@ -39,6 +39,7 @@ from loyalty.recalc.incremental import ModelCache
 from loyalty.recalc.jobs import RecalcJobs
 from loyalty.scheduling.timer import Timer, parse_cron
 from loyalty.settings import Settings, get_settings
+from loyalty.tiers.badge_cache import CACHE_INFO_KEY, BadgeCache, BadgeListener
 from loyalty.tiers.config import load_tiers
 from loyalty.tiers.controllers import CustomerTierController, TierController
 from loyalty.webhooks.controllers import WebhookController
@@ -102,9 +103,22 @@ def create_app(settings: Settings | None = None) -> Litestar:
     secret_key = settings.resolved_secret_key()
     recalc_cron = parse_cron(settings.recalc_cron, settings.timezone)
     engine = create_engine(settings)
-    session_maker = create_session_maker(engine)
+    badges = BadgeCache(settings.badge_cache_size, settings.badge_cache_seconds)
+    # Without notifications (SQLite) or room for badges, the cache never starts and every read goes to the database.
+    badge_listener = (
+        BadgeListener(
+            badges,
+            lambda: connect_outside_pool(engine, settings, "loyalty-badges"),
+            probe_seconds=settings.poll_seconds,
+            timeout_seconds=settings.db_timeout_seconds,
+        )
+        if engine.dialect.name == "postgresql" and settings.badge_cache_size > 0
+        else None
+    )
+    session_maker = create_session_maker(engine, {CACHE_INFO_KEY: badges} if badge_listener else None)
     model_cache = ModelCache(ttl=settings.poll_seconds)
     metrics.POOLS.track(engine)
+    metrics.BADGE_CACHES.track(badges)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -126,14 +140,19 @@ def create_app(settings: Settings | None = None) -> Litestar:
         )
         if settings.scheduler_enabled:
             timer.start()
+        if badge_listener is not None:
+            badge_listener.start()
         app.state.timer = timer
         logger.info("started", extra={"database": engine.dialect.name, "tiers_config": tiers.config_hash[:12]})
         try:
             yield
         finally:
             await timer.stop()
+            if badge_listener is not None:
+                await badge_listener.stop()
             await app.state.order_groups.close()
             metrics.POOLS.forget(engine)
+            metrics.BADGE_CACHES.forget(badges)
             await engine.dispose()
 
     # One limiter for the app: Litestar builds the middleware once per route, and a key's window spans them all.
@@ -183,6 +202,8 @@ def create_app(settings: Settings | None = None) -> Litestar:
     app.state.session_maker = session_maker
     app.state.read_session_maker = read_only(session_maker)
     app.state.model_cache = model_cache
+    app.state.badges = badges
+    app.state.badge_listener = badge_listener
     app.state.order_groups = OrderGroups(session_maker, tiers, model_cache)
     app.state.rate_limiter = limiter
     return app

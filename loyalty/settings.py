@@ -52,6 +52,11 @@ class Settings(BaseSettings):
     # key revoked by another process is refused within this time (at once by the process that revoked it).
     # Bounds how long a revoked key keeps working on other processes; kept to seconds on purpose.
     api_key_cache_seconds: float = Field(default=1.0, ge=0, le=5)
+    # Badges each server process keeps in memory (PostgreSQL only; 0 turns the cache off), and the longest any is
+    # kept: changes are announced by the database at once, and this bounds staleness only should the
+    # announcements' connection fail unnoticed until its next probe (every poll_seconds).
+    badge_cache_size: int = Field(default=100_000, ge=0)
+    badge_cache_seconds: float = Field(default=60.0, gt=0)
     scheduler_enabled: bool = True
     # A running recalculation renews its lease every third of this; a replica that dies loses it after this long.
     recalc_lease_seconds: float = Field(default=60.0, ge=1)

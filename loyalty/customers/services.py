@@ -16,6 +16,7 @@ from loyalty.customers.lookup import ensure_customer_id, require_customer_id
 from loyalty.db.models import Customer, OutboxEvent, Referral
 from loyalty.lib.clock import utcnow
 from loyalty.lib.errors import NOT_FOUND, ProblemError
+from loyalty.tiers.badge_cache import note_changed as note_badges_changed
 
 
 async def get_customer(session: AsyncSession, external_id: str) -> schemas.Customer:
@@ -83,6 +84,7 @@ async def erase_customer(session: AsyncSession, external_id: str) -> None:
     customer_id = await session.scalar(select(Customer.id).where(Customer.external_id == external_id))
     if customer_id is None:
         raise ProblemError(NOT_FOUND, f"No customer with customer_id {external_id!r}")
+    note_badges_changed(session, [customer_id])
     await session.execute(
         update(Customer)
         .where(Customer.id == customer_id)

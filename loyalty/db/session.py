@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
+import asyncpg
 from sqlalchemy import Connection, Dialect, Engine, Executable, Numeric, Row, Select, event
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import (
@@ -94,18 +95,41 @@ def create_engine(settings: Settings) -> AsyncEngine:
         # first statement on a dead connection fails (a 503) and invalidates the whole pool, so every later checkout
         # connects afresh (tests/integration/faults/test_postgres_restart.py).
         pool_pre_ping=False,
-        connect_args={
-            # Fail fast when the server is down, so callers get a 503 rather than a hung request.
-            "timeout": settings.db_timeout_seconds,
-            "command_timeout": 300,
-            # JIT compilation costs more than it saves on the short per-customer statements.
-            "server_settings": {"application_name": "loyalty", "jit": "off"},
-        },
+        connect_args=_postgres_connect_args(settings, "loyalty"),
     )
 
 
-def create_session_maker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+def _postgres_connect_args(settings: Settings, application_name: str) -> dict[str, Any]:
+    return {
+        # Fail fast when the server is down, so callers get a 503 rather than a hung request.
+        "timeout": settings.db_timeout_seconds,
+        "command_timeout": 300,
+        # JIT compilation costs more than it saves on the short per-customer statements.
+        "server_settings": {"application_name": application_name, "jit": "off"},
+    }
+
+
+# Options of SQLAlchemy's asyncpg dialect that its URL carries but asyncpg.connect does not take.
+_DIALECT_ONLY_OPTIONS = ("prepared_statement_cache_size", "prepared_statement_name_func", "async_fallback")
+
+
+async def connect_outside_pool(engine: AsyncEngine, settings: Settings, application_name: str) -> asyncpg.Connection:
+    """A connection of the driver's own (asyncpg), to the engine's PostgreSQL database, that no pool hands out.
+
+    For a connection that holds session state for its whole life, such as a LISTEN: returned to the pool, it
+    would go on receiving notifications for whoever took it next; kept out of the pool, it would leave one
+    connection fewer for requests. It is set up as the pool's connections are (timeouts, settings).
+    """
+    _args, options = engine.dialect.create_connect_args(engine.url)
+    for name in _DIALECT_ONLY_OPTIONS:
+        options.pop(name, None)
+    options.update(_postgres_connect_args(settings, application_name))
+    return await asyncpg.connect(**options)
+
+
+def create_session_maker(engine: AsyncEngine, info: dict[str, Any] | None = None) -> async_sessionmaker[AsyncSession]:
+    """Sessions for the service's work; ``info`` starts each session's ``Session.info`` (a copy of it)."""
+    return async_sessionmaker(engine, expire_on_commit=False, autoflush=False, info=info)
 
 
 def read_only(session_maker: async_sessionmaker[AsyncSession]) -> async_sessionmaker[AsyncSession]:

@@ -16,15 +16,16 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, ParamSpec
+from typing import Any, Generic, ParamSpec, TypeVar
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 logger = logging.getLogger("loyalty.metrics")
 P = ParamSpec("P")
+T = TypeVar("T")
 
 # Runs take from well under a second (a small shop) to many minutes (millions of customers).
 RUN_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
@@ -218,28 +219,35 @@ def record_order_group(orders: int) -> None:
     ORDER_GROUPS.observe(orders)
 
 
-class PoolCollector(Collector):
-    """Reads the connection pools of the tracked engines at scrape time, summed per database dialect.
+class _TrackingCollector(Collector, Generic[T]):
+    """A collector of what the running applications hold, read at scrape time.
 
-    Engines are held weakly and dropped on application shutdown, so the many applications a test run builds
+    What it tracks is held weakly and dropped on application shutdown, so the many applications a test run builds
     leave nothing behind; one collector serves them all, so nothing is registered twice.
     """
 
     def __init__(self) -> None:
-        self._engines: weakref.WeakSet[AsyncEngine] = weakref.WeakSet()
+        self._tracked: weakref.WeakSet[T] = weakref.WeakSet()
         self._lock = threading.Lock()
 
-    def track(self, engine: AsyncEngine) -> None:
+    def track(self, item: T) -> None:
         with self._lock:
-            self._engines.add(engine)
+            self._tracked.add(item)
 
-    def forget(self, engine: AsyncEngine) -> None:
+    def forget(self, item: T) -> None:
         with self._lock:
-            self._engines.discard(engine)
+            self._tracked.discard(item)
+
+    def tracked(self) -> list[T]:
+        with self._lock:
+            return list(self._tracked)
+
+
+class PoolCollector(_TrackingCollector[AsyncEngine]):
+    """Reads the connection pools of the tracked engines at scrape time, summed per database dialect."""
 
     def _totals(self) -> dict[str, dict[str, float]]:
-        with self._lock:
-            engines = list(self._engines)
+        engines = self.tracked()
         totals: dict[str, dict[str, float]] = {}
         for engine in engines:
             pool: Any = engine.sync_engine.pool
@@ -288,3 +296,37 @@ class PoolCollector(Collector):
 
 POOLS = PoolCollector()
 REGISTRY.register(POOLS)
+
+
+class BadgeCacheCollector(_TrackingCollector[Any]):
+    """Reads the badge caches of the running applications at scrape time (``loyalty.tiers.badge_cache``).
+
+    The caches count their own hits and misses as plain integers: the badge read is the hottest path, and a
+    Prometheus counter's lock on every read would cost more than the cache's lookup.
+    """
+
+    def collect(self) -> Iterable[Metric]:
+        caches = self.tracked()
+        reads = CounterMetricFamily(
+            "loyalty_badge_cache_reads", "Badge reads while the cache served, by result.", labels=["result"]
+        )
+        reads.add_metric(["hit"], sum(cache.hits for cache in caches))
+        reads.add_metric(["miss"], sum(cache.misses for cache in caches))
+        yield reads
+        yield GaugeMetricFamily("loyalty_badge_cache_entries", "Badges held in memory.", sum(map(len, caches)))
+        yield GaugeMetricFamily(
+            "loyalty_badge_cache_listening",
+            "Caches serving badges (their notification connection is listening).",
+            sum(cache.listening for cache in caches),
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return [
+            CounterMetricFamily("loyalty_badge_cache_reads", "", labels=["result"]),
+            GaugeMetricFamily("loyalty_badge_cache_entries", ""),
+            GaugeMetricFamily("loyalty_badge_cache_listening", ""),
+        ]
+
+
+BADGE_CACHES = BadgeCacheCollector()
+REGISTRY.register(BADGE_CACHES)

@@ -47,6 +47,7 @@ from loyalty.scoring.scores import (
     rank_exactly,
     score_inputs,
 )
+from loyalty.tiers.badge_cache import forget_every_badge
 from loyalty.tiers.config import TiersConfig
 from loyalty.webhooks.outbox import HistorySelection, announce_tier_changes
 
@@ -232,6 +233,9 @@ async def _compute_and_write(
                             await issue_welcome_offers(session, tiers, selection, now)
                     await _finish(session, run_id, tiers, as_of, timer, population, moves)
                     await session.commit()
+            if not dry_run:
+                # This process's badges at once; other processes' when the run's notification reaches them.
+                forget_every_badge(session_maker)
         finally:
             # Not when the task is being cancelled (shutdown): a statement awaited now can wait forever on the
             # driver adapter's lock, still held by the statement the cancellation interrupted. The next run on

@@ -56,6 +56,7 @@ from loyalty.scoring.figures import (
     referral_figures,
 )
 from loyalty.scoring.scores import ScoringModel, rank_on_cutoffs, score_inputs
+from loyalty.tiers.badge_cache import note_changed as note_badges_changed
 from loyalty.tiers.config import TiersConfig
 from loyalty.webhooks.outbox import HistorySelection, announce_tier_changes, tier_changed_sql
 
@@ -273,6 +274,7 @@ async def _rescore_locked(
             history_rows.append(placement.history)
     new_scores = score_rows(figures, referrals, scores, interests, now, now, previous_runs)
     announced = await _write_placements(connection, new_scores, tier_rows, history_rows)
+    note_badges_changed(session, ids)
     if history_rows:
         selection = HistorySelection(customer_ids=[row["customer_id"] for row in history_rows], at=now)
         if not announced:

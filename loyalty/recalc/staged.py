@@ -43,6 +43,7 @@ from loyalty.recalc.assignments import (
 )
 from loyalty.scoring.figures import Figures, ReferralFigures
 from loyalty.scoring.scores import Scores
+from loyalty.tiers.badge_cache import announce_every_badge_changed
 from loyalty.tiers.config import TiersConfig
 from loyalty.tiers.rules import assign_decided, settled
 
@@ -296,6 +297,7 @@ async def apply(connection: AsyncConnection, run_id: int, started_at: datetime) 
     if is_postgres_connection(connection):
         await connection.execute(text("LOCK TABLE customer_score IN SHARE ROW EXCLUSIVE MODE"))
         await connection.execute(text("LOCK TABLE customer_tier IN SHARE ROW EXCLUSIVE MODE"))
+        await announce_every_badge_changed(connection)
     newer = text(
         "DELETE FROM {stage} WHERE customer_id IN "
         "(SELECT customer_id FROM customer_tier WHERE updated_at > :started_at)"

@@ -32,7 +32,8 @@ class CustomerTierController(Controller):
     )
     async def get_badge(self, request: Request[Any, Any, Any], customer_id: ExternalIdPath) -> schemas.TierBadge:
         """The tier badge: tier, benefits and progress to the next tier (one indexed read)."""
-        return await services.storefront_badge(request.app.state.engine, request.app.state.tiers, customer_id)
+        state = request.app.state
+        return await services.storefront_badge(state.engine, state.tiers, state.badges, customer_id)
 
     @put(
         "/tier-pin",

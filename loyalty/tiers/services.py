@@ -18,6 +18,8 @@ from loyalty.offers.welcome import issue_welcome_offers
 from loyalty.recalc.assignments import decide, facts_at
 from loyalty.recalc.full import PhaseTimer, compute_population
 from loyalty.tiers import schemas
+from loyalty.tiers.badge_cache import BadgeCache
+from loyalty.tiers.badge_cache import note_changed as note_badges_changed
 from loyalty.tiers.config import FIGURES, TiersConfig
 from loyalty.tiers.rules import CustomerFacts, decide_tier, describe_rule, pin_in_force
 from loyalty.webhooks.outbox import HistorySelection, announce_tier_changes
@@ -76,9 +78,17 @@ def badge_from_row(tiers: TiersConfig, external_id: str, row: Any) -> schemas.Ti
 
 
 # Built once: the badge is the storefront's hottest read, and building the statement (and adapting the cached
-# compilation's result columns to a new statement object) cost more than running it.
+# compilation's result columns to a new statement object) cost more than running it. The customer's id is what
+# the badge cache's notifications name.
 _BADGE_QUERY = (
-    select(Customer.created_at, CustomerTier.tier, CustomerTier.since, CustomerTier.progress, CustomerTier.pinned_until)
+    select(
+        Customer.id,
+        Customer.created_at,
+        CustomerTier.tier,
+        CustomerTier.since,
+        CustomerTier.progress,
+        CustomerTier.pinned_until,
+    )
     .outerjoin(CustomerTier, CustomerTier.customer_id == Customer.id)
     .where(Customer.external_id == bindparam("external_id"))
 )
@@ -90,10 +100,18 @@ async def badge(session: AsyncSession, tiers: TiersConfig, external_id: str) -> 
     return _found_badge(tiers, external_id, row)
 
 
-async def storefront_badge(engine: AsyncEngine, tiers: TiersConfig, external_id: str) -> schemas.TierBadge:
-    """The same read for the storefront's hottest call: no session, and on PostgreSQL no BEGIN/COMMIT round trips
-    around the one statement (`read_first`)."""
-    return _found_badge(tiers, external_id, await read_first(engine, _BADGE_QUERY, {"external_id": external_id}))
+async def storefront_badge(
+    engine: AsyncEngine, tiers: TiersConfig, badges: BadgeCache, external_id: str
+) -> schemas.TierBadge:
+    """The same read for the storefront's hottest call: from the process's badge cache when it holds the row,
+    else with no session, and on PostgreSQL no BEGIN/COMMIT round trips around the one statement (`read_first`)."""
+    row = badges.get(external_id)
+    if row is None:
+        generation = badges.generation
+        row = await read_first(engine, _BADGE_QUERY, {"external_id": external_id})
+        if row is not None:
+            badges.put(external_id, row, generation)
+    return _found_badge(tiers, external_id, row)
 
 
 def _found_badge(tiers: TiersConfig, external_id: str, row: Any) -> schemas.TierBadge:
@@ -135,6 +153,7 @@ async def set_pin(
     ).first()
     previous_tier = current.tier if current else None
     changed = previous_tier != pin.tier
+    note_badges_changed(session, [customer_id])
     await bulk_upsert(
         session,
         CustomerTier,
@@ -185,6 +204,7 @@ async def remove_pin(session: AsyncSession, external_id: str) -> int:
     if row is None or row.pinned_tier is None:
         raise ProblemError(NOT_FOUND, f"Customer {external_id!r} has no tier pin")
     now = utcnow()
+    note_badges_changed(session, [customer_id])
     await session.execute(
         update(CustomerTier)
         .where(CustomerTier.customer_id == customer_id)

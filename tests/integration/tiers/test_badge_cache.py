@@ -1,0 +1,212 @@
+"""The badge cache against a real database: badges are served from memory on PostgreSQL and forgotten when
+PostgreSQL announces their change, whoever wrote it; a process reads its own writes back at once; a lost
+notification connection empties the cache; a full run announces itself once, not per row. On SQLite every badge
+is read from the database."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from litestar import Litestar
+from sqlalchemy import select, text, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from loyalty.db.models import Customer, CustomerTier
+from loyalty.db.session import connect_outside_pool
+from loyalty.recalc.runs import enqueue_run
+from loyalty.tiers.badge_cache import CHANNEL, note_changed
+from tests.integration.recalc.test_recalculation import order, seed_shop
+from tests.support import wait_for
+
+
+@pytest.fixture
+async def badge_client(app: Litestar, concurrent_client: httpx.AsyncClient, database: Any) -> AsyncIterator[Any]:
+    """The app on the test's own loop with its badge listener running (as its lifespan runs it) and listening."""
+    listener = app.state.badge_listener
+    if database.dialect == "postgresql":
+        assert listener is not None
+        listener.start()
+
+        async def listening() -> bool:
+            return bool(app.state.badges.listening)
+
+        await wait_for(listening, "the badge cache listening", within=10)
+    else:
+        assert listener is None
+    try:
+        yield concurrent_client
+    finally:
+        if listener is not None:
+            await listener.stop()
+
+
+async def _badge(client: Any, headers: dict[str, str], external_id: str) -> dict[str, Any]:
+    response = await client.get(f"/v1/customers/{external_id}/tier", headers=headers)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
+
+
+async def _held(app: Litestar, client: Any, headers: dict[str, str], external_id: str) -> dict[str, Any]:
+    """Read the badge until the cache holds it: a read that a notification overtook (the notification of the
+    write just before it, say) keeps nothing, rightly."""
+
+    async def read_and_held() -> dict[str, Any] | None:
+        badge = await _badge(client, headers, external_id)
+        return badge if app.state.badges.get(external_id) is not None else None
+
+    return await wait_for(read_and_held, f"the badge of {external_id} held in memory", within=5)
+
+
+async def _internal_id(engine: AsyncEngine, external_id: str) -> int:
+    async with engine.connect() as connection:
+        customer_id = await connection.scalar(select(Customer.id).where(Customer.external_id == external_id))
+    assert customer_id is not None
+    return int(customer_id)
+
+
+async def test_a_badge_is_served_from_memory_until_another_process_changes_it(
+    app, badge_client, engine, storefront, database
+) -> None:
+    response = await badge_client.post("/v1/orders", json=order("o-1", "c-1", 1, "30.00"), headers=storefront)
+    assert response.status_code == 201, response.text
+    badges = app.state.badges
+    postgres = database.dialect == "postgresql"
+    first = await (_held(app, badge_client, storefront, "c-1") if postgres else _badge(badge_client, storefront, "c-1"))
+    hits = badges.hits
+    assert await _badge(badge_client, storefront, "c-1") == first
+    assert badges.hits == hits + (1 if postgres else 0)
+    # Another process (this test's own engine, not the app's) pins the customer to VIP, writing the row directly.
+    customer_id = await _internal_id(engine, "c-1")
+    async with engine.begin() as connection:
+        await connection.execute(update(CustomerTier).where(CustomerTier.customer_id == customer_id).values(tier="vip"))
+    if postgres:
+        # Well within the entries' lifetime (60 s): it is the change's notification that reached the cache.
+        async def changed() -> bool:
+            return (await _badge(badge_client, storefront, "c-1"))["tier"] == "vip"
+
+        await wait_for(changed, "the badge changed by another process", within=5)
+    else:
+        assert (await _badge(badge_client, storefront, "c-1"))["tier"] == "vip"
+    metrics = (await badge_client.get("/metrics")).text
+    assert 'loyalty_badge_cache_reads_total{result="hit"}' in metrics
+    assert f"loyalty_badge_cache_listening {1.0 if postgres else 0.0}" in metrics
+
+
+async def test_the_process_forgets_its_own_writes_when_they_commit(app, badge_client, storefront, database) -> None:
+    if database.dialect != "postgresql":
+        pytest.skip("SQLite keeps no badges in memory")
+    await badge_client.post("/v1/orders", json=order("o-1", "c-1", 1, "30.00"), headers=storefront)
+    before = await _held(app, badge_client, storefront, "c-1")
+
+    async def write_quietly(tier: str, *, note: bool) -> None:
+        # A write whose notification never comes (the triggers told it was announced): only the process's own
+        # note of what it changed can make the cache forget it.
+        async with app.state.session_maker() as session:
+            await session.execute(text("SELECT set_config('loyalty.badges', 'announced', true)"))
+            customer_id = await session.scalar(select(Customer.id).where(Customer.external_id == "c-1"))
+            await session.execute(update(CustomerTier).where(CustomerTier.customer_id == customer_id).values(tier=tier))
+            if note:
+                note_changed(session, [customer_id])
+            await session.commit()
+
+    # The control: without a note the cache still answers what it held, so it is serving from memory.
+    await write_quietly("nurture", note=False)
+    assert (await _badge(badge_client, storefront, "c-1")) == before
+    await write_quietly("vip", note=True)
+    assert (await _badge(badge_client, storefront, "c-1"))["tier"] == "vip"
+
+
+async def test_writes_through_the_api_are_read_back_at_once(app, badge_client, keys, storefront) -> None:
+    marketing, admin = keys.headers("marketing"), keys.headers("admin")
+    await badge_client.post("/v1/orders", json=order("o-1", "c-1", 1, "30.00"), headers=storefront)
+    placed = await _badge(badge_client, storefront, "c-1")
+    # An order: the badge answered next is the one the order's response names.
+    response = await badge_client.post("/v1/orders", json=order("o-2", "c-1", 0, "9000.00"), headers=storefront)
+    assert (await _badge(badge_client, storefront, "c-1"))["tier"] == response.json()["tier"]
+    # A pin, and its removal.
+    pin = {"tier": "vip", "until": "2099-01-01T00:00:00Z", "reason": "press"}
+    assert (await badge_client.put("/v1/customers/c-1/tier-pin", json=pin, headers=marketing)).status_code == 200
+    pinned = await _badge(badge_client, storefront, "c-1")
+    assert pinned["tier"] == "vip"
+    assert pinned["pinned_until"].startswith("2099-01-01T00:00:00")
+    assert (await badge_client.delete("/v1/customers/c-1/tier-pin", headers=marketing)).status_code == 204
+    assert (await _badge(badge_client, storefront, "c-1"))["pinned_until"] is None
+    assert placed["customer_id"] == "c-1"
+    # An erasure unlinks the storefront id: no badge answers under it any more.
+    assert (await badge_client.delete("/v1/customers/c-1", headers=admin)).status_code == 204
+    assert (await badge_client.get("/v1/customers/c-1/tier", headers=storefront)).status_code == 404
+
+
+async def test_a_lost_notification_connection_empties_the_cache(
+    app, badge_client, engine, storefront, database
+) -> None:
+    if database.dialect != "postgresql":
+        pytest.skip("SQLite keeps no badges in memory")
+    await badge_client.post("/v1/orders", json=order("o-1", "c-1", 1, "30.00"), headers=storefront)
+    await _held(app, badge_client, storefront, "c-1")
+    customer_id = await _internal_id(engine, "c-1")
+    listener_pid = text(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'loyalty-badges' AND datname = current_database()"
+    )
+    async with engine.begin() as connection:
+        first_pid = await connection.scalar(listener_pid)
+        # A change whose notification is lost (nobody is told of it, as if sent while the connection was down).
+        await connection.execute(text("SELECT set_config('loyalty.badges', 'announced', true)"))
+        await connection.execute(update(CustomerTier).where(CustomerTier.customer_id == customer_id).values(tier="vip"))
+    assert first_pid is not None
+    assert (await _badge(badge_client, storefront, "c-1"))["tier"] != "vip"
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first_pid})
+
+    async def listening_again() -> bool:
+        async with engine.connect() as connection:
+            pid = await connection.scalar(listener_pid)
+        return pid is not None and pid != first_pid and bool(app.state.badges.listening)
+
+    await wait_for(listening_again, "the badge listener back on a new connection", within=10)
+    # What was held before the loss is gone: the badge is read again.
+    assert (await _badge(badge_client, storefront, "c-1"))["tier"] == "vip"
+
+
+async def test_a_full_run_is_announced_once_and_orders_per_customer(
+    app, badge_client, engine, session_maker, settings, storefront, run_due, database
+) -> None:
+    if database.dialect != "postgresql":
+        pytest.skip("SQLite has no notifications")
+    await seed_shop(badge_client, storefront)
+    heard: list[str] = []
+    listener = await connect_outside_pool(engine, settings, "test-listener")
+    await listener.add_listener(CHANNEL, lambda *arguments: heard.append(arguments[-1]))
+    try:
+        before = await _badge(badge_client, storefront, "c-002")
+        heard.clear()
+        # Another process's run (the CLI's, say): queued and run on the test's own engine.
+        async with session_maker() as session:
+            await enqueue_run(session, trigger="manual")
+            await session.commit()
+        assert (await run_due())["status"] == "succeeded"
+
+        async def run_heard() -> bool:
+            return "*" in heard
+
+        await wait_for(run_heard, "the full run's notification", within=5)
+        # Every tier row of the shop was written, yet one notification stood for them all.
+        assert heard == ["*"]
+
+        # The app's own cache heard it too, and holds nothing from before the run.
+        assert len(app.state.badges) == 0
+        assert (await _badge(badge_client, storefront, "c-002"))["customer_id"] == before["customer_id"]
+        # A single order announces its own customer, by internal id.
+        heard.clear()
+        await badge_client.post("/v1/orders", json=order("o-new", "c-002", 0, "45.00"), headers=storefront)
+        customer_id = await _internal_id(engine, "c-002")
+
+        async def order_heard() -> bool:
+            return str(customer_id) in heard
+
+        await wait_for(order_heard, "the order's notification", within=5)
+    finally:
+        await listener.close()
