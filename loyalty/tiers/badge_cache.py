@@ -55,17 +55,18 @@ FIRST_RETRY_SECONDS = 0.1
 
 
 class BadgeCache:
-    """Badge rows by storefront id, least recently read dropped first, each kept at most ``seconds``.
+    """Badges as answered (their JSON body) by storefront id, least recently read dropped first, each kept at most
+    ``seconds`` and never past the moment it would read differently (a pin's end).
 
-    A row is the badge read's row: the customer's internal id (``id``, which notifications name) and what the
-    badge is built from. The badge itself is built on every read, so a pin that lapses, or a change of the tiers
-    configuration, shows at once.
+    The body is kept rather than the row it is built from: building and encoding the badge cost more than
+    finding it. It is built with the application's tiers configuration, which lives as long as the process.
     """
 
     def __init__(self, size: int, seconds: float) -> None:
         self.size = size
         self.seconds = seconds
-        self._entries: OrderedDict[str, tuple[Any, float]] = OrderedDict()
+        # Storefront id -> (internal id, which notifications name; the body; when it expires, monotonic).
+        self._entries: OrderedDict[str, tuple[int, bytes, float]] = OrderedDict()
         self._external_ids: dict[int, str] = {}
         # Moves on every forgetting: a read that started before it must not store what it read.
         self.generation = 0
@@ -76,29 +77,33 @@ class BadgeCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, external_id: str) -> Any | None:
-        """The cached row, or None: not cached, expired, or the cache is not listening."""
+    def get(self, external_id: str) -> bytes | None:
+        """The cached badge, or None: not cached, expired, or the cache is not listening."""
         if not self.listening:
             return None
         entry = self._entries.get(external_id)
-        if entry is None or entry[1] <= time.monotonic():
+        if entry is None or entry[2] <= time.monotonic():
             self.misses += 1
             return None
         self._entries.move_to_end(external_id)
         self.hits += 1
-        return entry[0]
+        return entry[1]
 
-    def put(self, external_id: str, row: Any, generation: int) -> None:
-        """Keep a row read from the database, unless something was forgotten since ``generation`` was taken."""
+    def put(
+        self, external_id: str, customer_id: int, body: bytes, generation: int, changes_in: float | None = None
+    ) -> None:
+        """Keep a badge built from a database read, unless something was forgotten since ``generation`` was taken
+        (before the read). ``changes_in``: seconds until the badge would read differently with nothing written."""
         if not self.listening or generation != self.generation or self.size <= 0:
             return
-        self._entries[external_id] = (row, time.monotonic() + self.seconds)
+        lifetime = self.seconds if changes_in is None else min(self.seconds, changes_in)
+        self._entries[external_id] = (customer_id, body, time.monotonic() + lifetime)
         self._entries.move_to_end(external_id)
-        self._external_ids[row.id] = external_id
+        self._external_ids[customer_id] = external_id
         while len(self._entries) > self.size:
-            dropped, (dropped_row, _) = self._entries.popitem(last=False)
-            if self._external_ids.get(dropped_row.id) == dropped:
-                del self._external_ids[dropped_row.id]
+            dropped, (dropped_id, _body, _expiry) = self._entries.popitem(last=False)
+            if self._external_ids.get(dropped_id) == dropped:
+                del self._external_ids[dropped_id]
 
     def forget(self, customer_ids: Iterable[int]) -> None:
         """Forget these customers' badges (internal ids)."""

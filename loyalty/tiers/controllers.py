@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
-from litestar import Controller, Request, delete, get, post, put
+from litestar import Controller, MediaType, Request, Response, delete, get, post, put
 from litestar.di import NamedDependency
 from litestar.params import JSONBody, Parameter
 from litestar.status_codes import HTTP_200_OK, HTTP_204_NO_CONTENT
@@ -30,10 +30,14 @@ class CustomerTierController(Controller):
         guards=[guards.storefront],
         responses=problem_responses(NOT_FOUND),
     )
-    async def get_badge(self, request: Request[Any, Any, Any], customer_id: ExternalIdPath) -> schemas.TierBadge:
-        """The tier badge: tier, benefits and progress to the next tier (one indexed read)."""
+    async def get_badge(
+        self, request: Request[Any, Any, Any], customer_id: ExternalIdPath
+    ) -> Response[schemas.TierBadge]:
+        """The tier badge: tier, benefits and progress to the next tier (one indexed read, or none when cached)."""
         state = request.app.state
-        return await services.storefront_badge(state.engine, state.tiers, state.badges, customer_id)
+        body = await services.storefront_badge_json(state.engine, state.tiers, state.badges, customer_id)
+        # The body is a TierBadge already encoded (the cache keeps it so); the annotation documents it as one.
+        return cast("Response[schemas.TierBadge]", Response(body, media_type=MediaType.JSON))
 
     @put(
         "/tier-pin",

@@ -4,14 +4,8 @@ most its size, and nothing longer than its lifetime."""
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
 
 from loyalty.tiers.badge_cache import BadgeCache
-
-
-class Row(NamedTuple):
-    id: int
-    tier: str
 
 
 def listening_cache(size: int = 10, seconds: float = 60.0) -> BadgeCache:
@@ -22,11 +16,11 @@ def listening_cache(size: int = 10, seconds: float = 60.0) -> BadgeCache:
 
 def test_it_serves_nothing_until_it_listens_and_forgets_everything_when_it_stops() -> None:
     cache = BadgeCache(10, 60.0)
-    cache.put("c-1", Row(1, "vip"), cache.generation)
+    cache.put("c-1", 1, b"vip", cache.generation)
     assert cache.get("c-1") is None
     cache.start()
-    cache.put("c-1", Row(1, "vip"), cache.generation)
-    assert cache.get("c-1") == Row(1, "vip")
+    cache.put("c-1", 1, b"vip", cache.generation)
+    assert cache.get("c-1") == b"vip"
     cache.stop()
     assert cache.get("c-1") is None
     assert len(cache) == 0
@@ -40,22 +34,22 @@ def test_a_read_that_began_before_a_change_keeps_nothing() -> None:
     began = cache.generation
     # The change's notification arrives while the read is still waiting for the database.
     cache.notified("1")
-    cache.put("c-1", Row(1, "nurture"), began)
+    cache.put("c-1", 1, b"nurture", began)
     assert cache.get("c-1") is None
     # A read that began after it is kept.
-    cache.put("c-1", Row(1, "vip"), cache.generation)
-    assert cache.get("c-1") == Row(1, "vip")
+    cache.put("c-1", 1, b"vip", cache.generation)
+    assert cache.get("c-1") == b"vip"
 
 
 def test_notifications_forget_by_internal_id_or_all() -> None:
     cache = listening_cache()
     for number in (1, 2, 3):
-        cache.put(f"c-{number}", Row(number, "vip"), cache.generation)
+        cache.put(f"c-{number}", number, b"vip", cache.generation)
     cache.notified("2")
     assert [cache.get(f"c-{n}") is not None for n in (1, 2, 3)] == [True, False, True]
     cache.notified("*")
     assert len(cache) == 0
-    cache.put("c-1", Row(1, "vip"), cache.generation)
+    cache.put("c-1", 1, b"vip", cache.generation)
     # Someone else's payload on the channel: forgetting everything is the safe reading of it.
     cache.notified("not-an-id")
     assert cache.get("c-1") is None
@@ -63,10 +57,10 @@ def test_notifications_forget_by_internal_id_or_all() -> None:
 
 def test_it_holds_at_most_its_size_dropping_the_least_recently_read() -> None:
     cache = listening_cache(size=2)
-    cache.put("c-1", Row(1, "vip"), cache.generation)
-    cache.put("c-2", Row(2, "vip"), cache.generation)
+    cache.put("c-1", 1, b"vip", cache.generation)
+    cache.put("c-2", 2, b"vip", cache.generation)
     assert cache.get("c-1") is not None
-    cache.put("c-3", Row(3, "vip"), cache.generation)
+    cache.put("c-3", 3, b"vip", cache.generation)
     assert len(cache) == 2
     assert cache.get("c-2") is None
     assert cache.get("c-1") is not None
@@ -76,18 +70,25 @@ def test_it_holds_at_most_its_size_dropping_the_least_recently_read() -> None:
     assert len(cache) == 2
 
 
-def test_an_entry_expires_after_the_cache_lifetime() -> None:
+def test_an_entry_expires_after_the_cache_lifetime_or_when_it_would_read_differently() -> None:
     cache = listening_cache(seconds=0.05)
-    cache.put("c-1", Row(1, "vip"), cache.generation)
+    cache.put("c-1", 1, b"vip", cache.generation)
+    # A pinned badge whose pin lapses sooner than the lifetime, and one whose pin lapses later.
+    cache.put("c-2", 2, b"pinned", cache.generation, changes_in=0.01)
+    cache.put("c-3", 3, b"pinned", cache.generation, changes_in=3600)
     assert cache.get("c-1") is not None
-    time.sleep(0.06)
+    time.sleep(0.02)
+    assert cache.get("c-2") is None
+    assert cache.get("c-1") is not None
+    time.sleep(0.04)
     assert cache.get("c-1") is None
+    assert cache.get("c-3") is None
 
 
 def test_hits_and_misses_are_counted_while_listening() -> None:
     cache = listening_cache()
     assert cache.get("c-1") is None
-    cache.put("c-1", Row(1, "vip"), cache.generation)
+    cache.put("c-1", 1, b"vip", cache.generation)
     cache.get("c-1")
     cache.get("c-1")
     assert (cache.hits, cache.misses) == (2, 1)
@@ -95,5 +96,5 @@ def test_hits_and_misses_are_counted_while_listening() -> None:
 
 def test_a_size_of_zero_keeps_nothing() -> None:
     cache = listening_cache(size=0)
-    cache.put("c-1", Row(1, "vip"), cache.generation)
+    cache.put("c-1", 1, b"vip", cache.generation)
     assert cache.get("c-1") is None
