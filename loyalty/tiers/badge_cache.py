@@ -35,7 +35,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 logger = logging.getLogger("loyalty.badges")
 
@@ -161,6 +161,8 @@ class BadgeListener:
         self.probe_seconds = probe_seconds
         self.timeout_seconds = timeout_seconds
         self._task: asyncio.Task[None] | None = None
+        # The listening connection's server process (pg_stat_activity.pid), for operators and tests.
+        self.server_pid: int | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="badge-listener")
@@ -210,6 +212,7 @@ class BadgeListener:
             connection.add_termination_listener(on_lost)
             await connection.add_listener(CHANNEL, on_notification)
             self.cache.start()
+            self.server_pid = connection.get_server_pid()
             logger.info("badge cache on: listening for badge changes")
             while not lost.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -241,14 +244,14 @@ async def announce_every_badge_changed(connection: AsyncConnection) -> None:
         await connection.execute(_ANNOUNCE_EVERY_BADGE)
 
 
-@event.listens_for(Session, "after_commit")
-def _forget_committed(session: Session) -> None:
+@event.listens_for(Session, "after_transaction_end")
+def _forget_when_ended(session: Session, transaction: SessionTransaction) -> None:
+    # Only the outermost transaction's end: a savepoint's release or rollback (which SQLAlchemy also reports as a
+    # commit or rollback) comes before the write is visible to anyone else. After a rollback forgetting is
+    # needless but harmless: the badge is read again.
+    if transaction.parent is not None or transaction.nested:
+        return
     changed = session.info.pop(_CHANGED_INFO_KEY, None)
     cache = session.info.get(CACHE_INFO_KEY)
     if changed and cache is not None:
         cache.forget(changed)
-
-
-@event.listens_for(Session, "after_rollback")
-def _drop_rolled_back(session: Session) -> None:
-    session.info.pop(_CHANGED_INFO_KEY, None)

@@ -112,7 +112,7 @@ async def storefront_badge_json(engine: AsyncEngine, tiers: TiersConfig, badges:
     row: Any = await read_first(engine, _BADGE_QUERY, {"external_id": external_id})
     badge = _found_badge(tiers, external_id, row)
     body = encode_json(badge.model_dump(mode="json", by_alias=True))
-    # A pin shows until it lapses, then the rules' tier does: the badge changes then, with nothing written.
+    # A pin's end shows on the badge (pinned_until no longer given) with nothing written: keep it no longer.
     changes_in = (badge.pinned_until - utcnow()).total_seconds() if badge.pinned_until is not None else None
     badges.put(external_id, row.id, body, generation, changes_in)
     return body

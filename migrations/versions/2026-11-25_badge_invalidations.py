@@ -30,9 +30,10 @@ UPGRADE = [
     """
     CREATE FUNCTION loyalty_badge_tier_changed() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
-        IF TG_OP = 'DELETE' THEN
+        IF TG_OP IN ('DELETE', 'UPDATE') THEN
             PERFORM pg_notify('loyalty_badges', OLD.customer_id::text);
-        ELSE
+        END IF;
+        IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND NEW.customer_id IS DISTINCT FROM OLD.customer_id) THEN
             PERFORM pg_notify('loyalty_badges', NEW.customer_id::text);
         END IF;
         RETURN NULL;

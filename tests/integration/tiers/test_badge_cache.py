@@ -49,15 +49,31 @@ async def _badge(client: Any, headers: dict[str, str], external_id: str) -> dict
     return dict(response.json())
 
 
-async def _held(app: Litestar, client: Any, headers: dict[str, str], external_id: str) -> dict[str, Any]:
-    """Read the badge until the cache holds it: a read that a notification overtook (the notification of the
-    write just before it, say) keeps nothing, rightly."""
+async def _settled(app: Litestar, engine: AsyncEngine) -> None:
+    """Wait until the app's cache has heard every notification committed so far: they arrive in commit order, so
+    once it has heard one sent now, nothing written before can still come and make it forget something."""
+    if app.state.badge_listener is None:
+        return
+    generation = app.state.badges.generation
+    async with engine.begin() as connection:
+        # An id no customer has: forgets nothing, but moves the cache's generation when heard.
+        await connection.execute(text(f"SELECT pg_notify('{CHANNEL}', '-1')"))
 
-    async def read_and_held() -> dict[str, Any] | None:
-        badge = await _badge(client, headers, external_id)
-        return badge if app.state.badges.get(external_id) is not None else None
+    async def heard() -> bool:
+        return bool(app.state.badges.generation > generation)
 
-    return await wait_for(read_and_held, f"the badge of {external_id} held in memory", within=5)
+    await wait_for(heard, "the app's cache hearing a notification", within=5)
+
+
+async def _held(
+    app: Litestar, client: Any, engine: AsyncEngine, headers: dict[str, str], external_id: str
+) -> dict[str, Any]:
+    """The badge, read once every earlier notification was heard, so that the cache keeps it until something new
+    is written."""
+    await _settled(app, engine)
+    badge = await _badge(client, headers, external_id)
+    assert app.state.badges.get(external_id) is not None
+    return badge
 
 
 async def _internal_id(engine: AsyncEngine, external_id: str) -> int:
@@ -74,7 +90,9 @@ async def test_a_badge_is_served_from_memory_until_another_process_changes_it(
     assert response.status_code == 201, response.text
     badges = app.state.badges
     postgres = database.dialect == "postgresql"
-    first = await (_held(app, badge_client, storefront, "c-1") if postgres else _badge(badge_client, storefront, "c-1"))
+    first = await (
+        _held(app, badge_client, engine, storefront, "c-1") if postgres else _badge(badge_client, storefront, "c-1")
+    )
     hits = badges.hits
     assert await _badge(badge_client, storefront, "c-1") == first
     assert badges.hits == hits + (1 if postgres else 0)
@@ -95,11 +113,13 @@ async def test_a_badge_is_served_from_memory_until_another_process_changes_it(
     assert f"loyalty_badge_cache_listening {1.0 if postgres else 0.0}" in metrics
 
 
-async def test_the_process_forgets_its_own_writes_when_they_commit(app, badge_client, storefront, database) -> None:
+async def test_the_process_forgets_its_own_writes_when_they_commit(
+    app, badge_client, engine, storefront, database
+) -> None:
     if database.dialect != "postgresql":
         pytest.skip("SQLite keeps no badges in memory")
     await badge_client.post("/v1/orders", json=order("o-1", "c-1", 1, "30.00"), headers=storefront)
-    before = await _held(app, badge_client, storefront, "c-1")
+    before = await _held(app, badge_client, engine, storefront, "c-1")
 
     async def write_quietly(tier: str, *, note: bool) -> None:
         # A write whose notification never comes (the triggers told it was announced): only the process's own
@@ -153,13 +173,10 @@ async def test_a_lost_notification_connection_empties_the_cache(
     if database.dialect != "postgresql":
         pytest.skip("SQLite keeps no badges in memory")
     await badge_client.post("/v1/orders", json=order("o-1", "c-1", 1, "30.00"), headers=storefront)
-    await _held(app, badge_client, storefront, "c-1")
+    await _held(app, badge_client, engine, storefront, "c-1")
     customer_id = await _internal_id(engine, "c-1")
-    listener_pid = text(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = 'loyalty-badges' AND datname = current_database()"
-    )
+    first_pid = app.state.badge_listener.server_pid
     async with engine.begin() as connection:
-        first_pid = await connection.scalar(listener_pid)
         # A change whose notification is lost (nobody is told of it, as if sent while the connection was down).
         await connection.execute(text("SELECT set_config('loyalty.badges', 'announced', true)"))
         await connection.execute(update(CustomerTier).where(CustomerTier.customer_id == customer_id).values(tier="vip"))
@@ -169,8 +186,7 @@ async def test_a_lost_notification_connection_empties_the_cache(
         await connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first_pid})
 
     async def listening_again() -> bool:
-        async with engine.connect() as connection:
-            pid = await connection.scalar(listener_pid)
+        pid = app.state.badge_listener.server_pid
         return pid is not None and pid != first_pid and bool(app.state.badges.listening)
 
     await wait_for(listening_again, "the badge listener back on a new connection", within=10)
@@ -188,7 +204,7 @@ async def test_a_full_run_is_announced_once_and_orders_per_customer(
     listener = await connect_outside_pool(engine, settings, "test-listener")
     await listener.add_listener(CHANNEL, lambda *arguments: heard.append(arguments[-1]))
     try:
-        before = await _badge(badge_client, storefront, "c-002")
+        before = await _held(app, badge_client, engine, storefront, "c-002")
         heard.clear()
         # Another process's run (the CLI's, say): queued and run on the test's own engine.
         async with session_maker() as session:
@@ -200,11 +216,15 @@ async def test_a_full_run_is_announced_once_and_orders_per_customer(
             return "*" in heard
 
         await wait_for(run_heard, "the full run's notification", within=5)
-        # Every tier row of the shop was written, yet one notification stood for them all.
-        assert heard == ["*"]
+        # Every tier row of the shop was written, yet one notification stood for them all (a -1 is a wait for
+        # earlier notifications, `_settled`).
+        assert [payload for payload in heard if payload != "-1"] == ["*"]
 
-        # The app's own cache heard it too, and holds nothing from before the run.
-        assert len(app.state.badges) == 0
+        # The app's own cache hears it too, and then holds nothing from before the run.
+        async def emptied() -> bool:
+            return len(app.state.badges) == 0
+
+        await wait_for(emptied, "the app's cache emptied by the run", within=5)
         assert (await _badge(badge_client, storefront, "c-002"))["customer_id"] == before["customer_id"]
         # A single order announces its own customer, by internal id.
         heard.clear()

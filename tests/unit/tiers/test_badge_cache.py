@@ -71,16 +71,16 @@ def test_it_holds_at_most_its_size_dropping_the_least_recently_read() -> None:
 
 
 def test_an_entry_expires_after_the_cache_lifetime_or_when_it_would_read_differently() -> None:
-    cache = listening_cache(seconds=0.05)
+    cache = listening_cache(seconds=0.6)
     cache.put("c-1", 1, b"vip", cache.generation)
     # A pinned badge whose pin lapses sooner than the lifetime, and one whose pin lapses later.
-    cache.put("c-2", 2, b"pinned", cache.generation, changes_in=0.01)
+    cache.put("c-2", 2, b"pinned", cache.generation, changes_in=0.05)
     cache.put("c-3", 3, b"pinned", cache.generation, changes_in=3600)
     assert cache.get("c-1") is not None
-    time.sleep(0.02)
+    time.sleep(0.15)
     assert cache.get("c-2") is None
     assert cache.get("c-1") is not None
-    time.sleep(0.04)
+    time.sleep(0.5)
     assert cache.get("c-1") is None
     assert cache.get("c-3") is None
 
