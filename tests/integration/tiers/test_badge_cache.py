@@ -12,7 +12,7 @@ import httpx
 import pytest
 from litestar import Litestar
 from sqlalchemy import select, text, update
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from loyalty.db.models import Customer, CustomerTier
 from loyalty.db.session import connect_outside_pool
@@ -76,6 +76,22 @@ async def _held(
     return badge
 
 
+async def _ordered_and_held(
+    app: Litestar, client: Any, engine: AsyncEngine, headers: dict[str, str], database: Any
+) -> dict[str, Any]:
+    """Customer c-1, placed by an order, with its badge held in memory (PostgreSQL: SQLite keeps none)."""
+    if database.dialect != "postgresql":
+        pytest.skip("SQLite keeps no badges in memory")
+    await client.post("/v1/orders", json=order("o-1", "c-1", 1, "30.00"), headers=headers)
+    return await _held(app, client, engine, headers, "c-1")
+
+
+async def _write_unannounced(executor: AsyncSession | AsyncConnection, customer_id: int, tier: str) -> None:
+    """A tier change whose notification never comes: in its transaction the triggers take it as announced."""
+    await executor.execute(text("SELECT set_config('loyalty.badges', 'announced', true)"))
+    await executor.execute(update(CustomerTier).where(CustomerTier.customer_id == customer_id).values(tier=tier))
+
+
 async def _internal_id(engine: AsyncEngine, external_id: str) -> int:
     async with engine.connect() as connection:
         customer_id = await connection.scalar(select(Customer.id).where(Customer.external_id == external_id))
@@ -116,18 +132,13 @@ async def test_a_badge_is_served_from_memory_until_another_process_changes_it(
 async def test_the_process_forgets_its_own_writes_when_they_commit(
     app, badge_client, engine, storefront, database
 ) -> None:
-    if database.dialect != "postgresql":
-        pytest.skip("SQLite keeps no badges in memory")
-    await badge_client.post("/v1/orders", json=order("o-1", "c-1", 1, "30.00"), headers=storefront)
-    before = await _held(app, badge_client, engine, storefront, "c-1")
+    before = await _ordered_and_held(app, badge_client, engine, storefront, database)
+    customer_id = await _internal_id(engine, "c-1")
 
     async def write_quietly(tier: str, *, note: bool) -> None:
-        # A write whose notification never comes (the triggers told it was announced): only the process's own
-        # note of what it changed can make the cache forget it.
+        # Only the process's own note of what it changed can make the cache forget this write.
         async with app.state.session_maker() as session:
-            await session.execute(text("SELECT set_config('loyalty.badges', 'announced', true)"))
-            customer_id = await session.scalar(select(Customer.id).where(Customer.external_id == "c-1"))
-            await session.execute(update(CustomerTier).where(CustomerTier.customer_id == customer_id).values(tier=tier))
+            await _write_unannounced(session, customer_id, tier)
             if note:
                 note_changed(session, [customer_id])
             await session.commit()
@@ -170,16 +181,12 @@ async def test_writes_through_the_api_are_read_back_at_once(app, badge_client, k
 async def test_a_lost_notification_connection_empties_the_cache(
     app, badge_client, engine, storefront, database
 ) -> None:
-    if database.dialect != "postgresql":
-        pytest.skip("SQLite keeps no badges in memory")
-    await badge_client.post("/v1/orders", json=order("o-1", "c-1", 1, "30.00"), headers=storefront)
-    await _held(app, badge_client, engine, storefront, "c-1")
+    await _ordered_and_held(app, badge_client, engine, storefront, database)
     customer_id = await _internal_id(engine, "c-1")
     first_pid = app.state.badge_listener.server_pid
     async with engine.begin() as connection:
-        # A change whose notification is lost (nobody is told of it, as if sent while the connection was down).
-        await connection.execute(text("SELECT set_config('loyalty.badges', 'announced', true)"))
-        await connection.execute(update(CustomerTier).where(CustomerTier.customer_id == customer_id).values(tier="vip"))
+        # A change whose notification is lost, as if sent while the connection was down.
+        await _write_unannounced(connection, customer_id, "vip")
     assert first_pid is not None
     assert (await _badge(badge_client, storefront, "c-1"))["tier"] != "vip"
     async with engine.connect() as connection:
